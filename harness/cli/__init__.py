@@ -1,0 +1,99 @@
+"""The ``harness`` command: one entry point, one module per verb.
+
+Each module in this package that defines ``register(subparsers)`` and
+``run(args) -> int`` is a verb. Modules import their heavy dependencies inside
+``run`` so that ``harness exec`` starts quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from harness import __version__, exit_codes
+from harness.errors import HarnessError
+
+#: The order verbs are listed in ``--help``; modules not named here follow.
+VERB_ORDER: Final = (
+    "exec",
+    "sessions",
+    "check",
+    "ps",
+    "reap",
+    "dump",
+    "env",
+    "matrix",
+)
+
+DESCRIPTION = """\
+Run test sessions that cannot collide and leave nothing behind.
+
+Each session gets a leased registry port, a private bindspace for Unix
+sockets, and one envelope (the _TRACTOR_RT_VARS environment variable) that
+every child process inherits. Afterwards the harness reports what leaked
+(socket files, processes, listeners) and can reap it.
+"""
+
+EPILOG = """\
+examples:
+  harness exec --name smoke -- pytest tests -x   run pytest in a new session
+  harness sessions                               list live and stale sessions
+  harness env --pid 4242                         show another process's envelope
+
+`harness VERB --help` explains each verb.
+"""
+
+
+def _verb_modules() -> list[str]:
+    found = {
+        m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")
+    }
+    ordered = [v for v in VERB_ORDER if v in found]
+    return ordered + sorted(found - set(ordered))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harness",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"harness {__version__}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log what the harness does (-v: INFO, -vv: DEBUG)",
+    )
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
+    for name in _verb_modules():
+        module = importlib.import_module(f"{__name__}.{name}")
+        sub = module.register(subparsers)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``harness`` command; return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help(sys.stderr)
+        return exit_codes.USAGE
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="harness: %(message)s")
+    try:
+        status: int = args._run(args)
+    except HarnessError as exc:
+        print(f"harness {args.verb}: error: {exc}", file=sys.stderr)
+        return exit_codes.HARNESS_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return status

@@ -1,0 +1,187 @@
+"""Session records: what other processes need to know about a session.
+
+A record is one JSON file, ``<runtime-dir>/harness/sessions/<id>.json``. It
+is written to a temporary file in the same folder, flushed with ``fsync`` and
+renamed into place, so a reader sees the old record or the new one, never a
+half-written one, even when the writer is killed in between.
+
+A record's state is derived, never stored:
+
+- ``live``: the owner process (same pid *and* creation time) is running;
+- ``stale``: the owner is gone without closing the session (SIGKILL, OOM);
+- ``leaked``: the owner closed the session but kept the record because the
+  leak check found leftovers (``--leaks warn``), for ``harness check`` and
+  ``harness reap`` to act on later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import psutil
+
+from harness.errors import HarnessError
+from harness.rtvars import RT_VARS_ENV
+from harness.runtime_dir import ensure_private_dir, harness_state_dir
+
+log = logging.getLogger("harness.records")
+
+State = Literal["live", "stale", "leaked"]
+
+
+class SessionRecord(msgspec.Struct, kw_only=True):
+    """One session as seen from outside its owner process."""
+
+    id: str
+    """Unique id, ``<name>-<8 hex>``; also the bindspace's folder name."""
+    name: str
+    """What the user called it (the nox session name, or ``--name``)."""
+    owner_pid: int
+    """The process that opened the session and will close it."""
+    owner_create_time: float
+    """`psutil.Process.create_time` of the owner: guards against pid reuse."""
+    uid: int
+    runtime_dir: str
+    bindspace: str
+    port: int | None = None
+    command: list[str] = msgspec.field(default_factory=list)
+    started_at: float = msgspec.field(default_factory=time.time)
+    backend: str | None = None
+    transport: str | None = None
+    envelope_name: str = RT_VARS_ENV
+    isolate: list[str] = msgspec.field(default_factory=list)
+    """Namespaces the command runs in (``net``, ``pid``), if any."""
+    netns: str | None = None
+    """``net:[inode]`` of the session's private network namespace."""
+    pidns: str | None = None
+    """``pid:[inode]`` of the session's private pid namespace."""
+    closed_at: float | None = None
+    exit_status: int | None = None
+    leak_count: int | None = None
+    report_path: str | None = None
+
+
+def owner_alive(record: SessionRecord) -> bool:
+    """Whether the record's owner still runs (same pid and creation time)."""
+    try:
+        proc = psutil.Process(record.owner_pid)
+        # create_time is rounded differently by some platforms; 10 ms is far
+        # below the time it takes to recycle a pid.
+        return abs(proc.create_time() - record.owner_create_time) < 0.01 and (
+            proc.status() != psutil.STATUS_ZOMBIE
+        )
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def record_state(record: SessionRecord) -> State:
+    """``live``, ``stale`` or ``leaked``; see the module docstring."""
+    if record.closed_at is not None:
+        return "leaked"
+    return "live" if owner_alive(record) else "stale"
+
+
+class SessionStore:
+    """The folder of session records of one runtime dir."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.dir = ensure_private_dir(harness_state_dir(root) / "sessions")
+
+    def path(self, session_id: str) -> Path:
+        return self.dir / f"{session_id}.json"
+
+    def write(self, record: SessionRecord) -> Path:
+        """Write *record* atomically (temp file, fsync, rename)."""
+        final = self.path(record.id)
+        tmp = self.dir / f".{record.id}.{os.getpid()}.tmp"
+        data = msgspec.json.format(msgspec.json.encode(record), indent=2)
+        log.debug("Writing session record %s.", final)
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+            )
+            try:
+                os.write(fd, data + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            msg = (
+                f"cannot write the session record {str(final)!r}: "
+                f"{exc.strerror}; check that the runtime dir is writable and "
+                "not full (or set $HARNESS_RUNTIME_DIR)"
+            )
+            raise HarnessError(msg) from None
+        # fsync the folder too, so the rename survives a crash of the host.
+        with contextlib.suppress(OSError):
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        return final
+
+    def read(self, session_id: str) -> SessionRecord:
+        """The record of *session_id*; `HarnessError` if there is none."""
+        path = self.path(session_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            msg = (
+                f"no session {session_id!r} in {str(self.dir)!r}; "
+                "`harness sessions` lists the known ones"
+            )
+            raise HarnessError(msg) from None
+        try:
+            return msgspec.json.decode(data, type=SessionRecord)
+        except msgspec.DecodeError as exc:
+            msg = f"the session record {str(path)!r} is unreadable: {exc}"
+            raise HarnessError(msg) from None
+
+    def remove(self, session_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(session_id).unlink()
+
+    def list(self) -> list[SessionRecord]:
+        """Every readable record, oldest first. Unreadable files are skipped
+        with a warning (they are never half-written by the harness)."""
+        records = []
+        for path in self.dir.glob("*.json"):
+            try:
+                records.append(
+                    msgspec.json.decode(path.read_bytes(), type=SessionRecord)
+                )
+            except FileNotFoundError:
+                continue  # closed while we listed
+            except (OSError, msgspec.DecodeError) as exc:
+                log.warning("Skipping unreadable session record %s: %s", path, exc)
+        return sorted(records, key=lambda r: r.started_at)
+
+    def find(self, prefix: str) -> SessionRecord:
+        """The one record whose id is or starts with *prefix*."""
+        exact = self.path(prefix)
+        if exact.exists():
+            return self.read(prefix)
+        matches = [r for r in self.list() if r.id.startswith(prefix)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            msg = (
+                f"no session matches {prefix!r}; `harness sessions` lists the "
+                "known ones"
+            )
+        else:
+            ids = ", ".join(r.id for r in matches)
+            msg = f"{prefix!r} matches several sessions ({ids}); give more of the id"
+        raise HarnessError(msg)
