@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, MutableMapping
@@ -159,7 +160,7 @@ def _check_plain(value: Any, where: str, depth: int) -> None:
     if isinstance(value, _PLAIN_SCALARS):
         return
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             msg = f"cannot encode {where} = {value!r}: not a finite number"
             raise RtVarsError(msg)
         return

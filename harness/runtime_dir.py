@@ -15,6 +15,7 @@ Below it::
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -149,8 +150,6 @@ def ensure_private_dir(path: Path, *, create_parents: bool = False) -> Path:
 
 
 def _with_fix(msg: str, exc: OSError) -> str:
-    import errno
-
     if exc.errno == errno.ENOSPC:
         return msg + "; the file system is full: free space or set $HARNESS_RUNTIME_DIR"
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):

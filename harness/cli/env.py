@@ -29,7 +29,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     form.add_argument(
         "--export",
         action="store_true",
-        help='print a shell line that sets the variable (eval "$(harness env --export)")',
+        help="print a shell line that sets the variable "
+        '(eval "$(harness env --export)")',
     )
     parser.add_argument(
         "--name",
