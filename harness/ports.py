@@ -1,0 +1,684 @@
+"""Host-wide port leases: one registry port per session, unique on the host.
+
+A lease is an exclusive `filelock` lock on ``<lease-dir>/<port>.lock``. The
+lease dir is shared by every user of the host (``01777``, like ``/tmp``), so
+two sessions never hold the same port, whichever process or user runs them.
+The lock belongs to the open file in the owner process: when the owner exits,
+however it exits (SIGKILL and OOM included), the kernel drops the lock and the
+port is free again. Nothing needs cleaning up and lock files are never
+deleted, because deleting a lock file while another process waits to lock it
+is the classic unlink race (two holders of two different inodes).
+
+A lock alone does not make a port free: a program outside the harness may
+listen on it. So a port is granted only after the caller, holding the lock,
+has bound ``<host>:<port>`` twice (without and with ``SO_REUSEADDR``, the way
+trio binds) and the wildcard address once, and closed the probe sockets.
+
+Candidates come from ``$HARNESS_PORT_RANGE`` (``LO-HI``), the ``port_range=``
+argument, or `default_port_range`: ports below the kernel's ephemeral range,
+where the kernel never hands out ports to outgoing connections on its own.
+The walk starts at a random offset so that concurrent sessions do not all
+queue for the same first port.
+
+What a caller must know:
+
+- Keep the `PortLease` object, or call `PortLease.release`; the lease lasts
+  until then or until the process exits. Dropping the object does not end it.
+- The lock's descriptor is close-on-exec, so exec'd children never hold a
+  lease. A child made by ``os.fork`` without exec does not hold it either:
+  `filelock` closes its descriptors in the child, so the lease ends with the
+  process that took it.
+- A lock file created by another user is used only if that user is the lease
+  dir's owner (root, normally); `filelock` refuses the others because their
+  owner could swap the file while we hold it. Such ports are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import ipaddress
+import json
+import logging
+import os
+import random
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from filelock import Timeout, UnixFileLock
+
+from harness.errors import HarnessError
+
+log = logging.getLogger("harness.ports")
+
+#: Overrides the host-wide lease dir (tests, or hosts whose temp dir is odd).
+LEASE_DIR_ENV: Final = "HARNESS_LEASE_DIR"
+#: ``LO-HI``: the ports to lease from, both ends included.
+PORT_RANGE_ENV: Final = "HARNESS_PORT_RANGE"
+
+#: Lowest port of the default range: clear of the well-known ports and of
+#: tractor's hard-coded registry port 1616.
+DEFAULT_RANGE_LOW: Final = 20000
+#: A default range narrower than this is not worth having; see
+#: `default_port_range`.
+MIN_DEFAULT_SPAN: Final = 1000
+#: Used when every part of the port space above `DEFAULT_RANGE_LOW` is
+#: ephemeral: a lease still works, the kernel may just pick the port first.
+FALLBACK_RANGE: Final = (20000, 29999)
+#: Ports below this need privileges; the harness does not lease them.
+LOWEST_PORT: Final = 1024
+HIGHEST_PORT: Final = 65535
+
+#: Every user of the host may open, and so lock, a lock file whoever created
+#: it: the file's mode must allow writing to all (`filelock` opens it
+#: read-write and applies the mode after creating it, past the umask).
+LOCK_FILE_MODE: Final = 0o666
+LEASE_DIR_MODE: Final = 0o1777
+
+# Strong references to every unreleased lease of this process: a lease lives
+# until `release()` or process exit, never until the garbage collector runs.
+_HELD: set[PortLease] = set()
+_HELD_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class PortHolder:
+    """Who holds a lease, as its owner wrote it into the lock file.
+
+    Diagnostics only: the lock is the truth, this is a note beside it.
+    """
+
+    port: int
+    pid: int | None
+    uid: int | None
+    leased_at: float | None
+    """`time.time` when the lease was taken."""
+    create_time: float | None
+    """The owner process's start time, to tell a recycled pid apart."""
+    path: Path
+
+
+class PortLease:
+    """An exclusive claim on one TCP port, held until `release`.
+
+    Use it as a context manager or call `release` (idempotent). ``port`` is
+    the leased port, ``path`` the lock file, ``host`` the address the port was
+    probed on; ``address`` is ``(host, port)``, ready for a registry address.
+    """
+
+    port: int
+    path: Path
+    host: str
+
+    def __init__(self, port: int, path: Path, host: str, lock: UnixFileLock) -> None:
+        self.port = port
+        self.path = path
+        self.host = host
+        self._lock: UnixFileLock | None = lock
+        self._owner_pid = os.getpid()
+        self._release_lock = threading.Lock()
+        with _HELD_LOCK:
+            _HELD.add(self)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def held(self) -> bool:
+        """Whether this process still holds the lease.
+
+        False after `release`, and in a child forked from the owner (the
+        child never holds it, see the module docstring).
+        """
+        return self._lock is not None and os.getpid() == self._owner_pid
+
+    def release(self) -> None:
+        """Give the port back. Calling it again, or in a forked child, is a no-op."""
+        with self._release_lock:
+            lock, self._lock = self._lock, None
+        with _HELD_LOCK:
+            _HELD.discard(self)
+        if lock is None or os.getpid() != self._owner_pid:
+            return
+        log.debug("Releasing the lease on port %d (%s).", self.port, self.path)
+        lock.release(force=True)
+        log.debug("Released the lease on port %d.", self.port)
+
+    def __enter__(self) -> PortLease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else "released"
+        return f"<PortLease {self.host}:{self.port} {state} {str(self.path)!r}>"
+
+
+# --- the lease dir ----------------------------------------------------------
+
+
+def lease_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The host-wide lease dir, created ``01777`` if missing, and checked.
+
+    ``$HARNESS_LEASE_DIR`` if set (in *env*, default `os.environ`), else
+    ``<tempfile.gettempdir()>/harness-leases``. Raises `HarnessError` when the
+    folder is unsafe to share: a symlink, not a folder, owned by someone other
+    than root or the current user, or writable by others without the sticky
+    bit. The message names the fix.
+    """
+    source = os.environ if env is None else env
+    value = source.get(LEASE_DIR_ENV)
+    if value:
+        return _checked_lease_dir(Path(value), f"${LEASE_DIR_ENV}")
+    return _checked_lease_dir(
+        Path(tempfile.gettempdir()) / "harness-leases", "the default lease dir"
+    )
+
+
+def _given_or_default_dir(given: Path | None) -> Path:
+    if given is None:
+        return lease_dir()
+    return _checked_lease_dir(Path(given), "the lease_dir argument")
+
+
+def _checked_lease_dir(path: Path, origin: str) -> Path:
+    fix = f"set ${LEASE_DIR_ENV} to a folder of your own (it is created if missing)"
+    if not path.is_absolute():
+        msg = f"{origin} {str(path)!r} is not an absolute path; {fix}"
+        raise HarnessError(msg)
+
+    # Create it shared: every user of the host must be able to add lock files.
+    created = False
+    try:
+        os.mkdir(path, 0o700)
+        created = True
+        log.debug("Created the lease dir %s.", path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        msg = f"cannot create {origin} {str(path)!r}: {exc.strerror}; {fix}"
+        raise HarnessError(msg) from None
+
+    # Inspect through a descriptor opened with O_NOFOLLOW, so that what is
+    # checked is what is used: a symlink planted in a shared /tmp by another
+    # user would otherwise redirect our lock files into a folder they control.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            what = f"a symlink (to {_readlink(path)!r})"
+        elif exc.errno == errno.ENOTDIR:
+            what = "not a folder"
+        else:
+            what = f"unusable ({exc.strerror})"
+        msg = (
+            f"{origin} {str(path)!r} is {what}; the harness never follows "
+            f"links or uses files as its lease dir. Remove it if it is not "
+            f"yours to keep, or {fix}"
+        )
+        raise HarnessError(msg) from None
+    try:
+        st = os.fstat(fd)
+        uid = os.geteuid()
+        if created:
+            # Only the creator may widen it; a folder found in place is
+            # judged as it is, never changed.
+            os.fchmod(fd, LEASE_DIR_MODE)
+            st = os.fstat(fd)
+        if st.st_uid not in (0, uid):
+            msg = (
+                f"{origin} {str(path)!r} belongs to uid {st.st_uid}, neither "
+                f"root nor you (uid {uid}); its owner could delete the lock "
+                f"files of held leases. Ask root to create it with mode 1777 "
+                f"(e.g. `install -d -m 1777 {path}`), or {fix}"
+            )
+            raise HarnessError(msg)
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+            msg = (
+                f"{origin} {str(path)!r} is writable by others (mode "
+                f"{mode:04o}) without the sticky bit, so anyone could delete "
+                f"the lock files of held leases. Run `chmod +t {path}` if it "
+                f"is yours, or {fix}"
+            )
+            raise HarnessError(msg)
+        if not os.access(
+            fd if os.access in os.supports_fd else path, os.W_OK | os.X_OK
+        ):
+            msg = (
+                f"{origin} {str(path)!r} (mode {mode:04o}, uid {st.st_uid}) "
+                f"does not let you create lock files; {fix}"
+            )
+            raise HarnessError(msg)
+    finally:
+        os.close(fd)
+    return path
+
+
+def _readlink(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
+# --- the port range ---------------------------------------------------------
+
+
+@functools.cache
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for automatically chosen local ports (cached)."""
+    if sys.platform.startswith("linux"):
+        try:
+            text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+            low, high = (int(part) for part in text.split())
+            return (low, high)
+        except (OSError, ValueError):
+            log.debug("Cannot read the ephemeral port range; assuming 32768-60999.")
+            return (32768, 60999)
+    if sys.platform == "darwin" or "bsd" in sys.platform:
+        try:
+            out = subprocess.run(
+                [
+                    "sysctl",
+                    "-n",
+                    "net.inet.ip.portrange.first",
+                    "net.inet.ip.portrange.last",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout
+            low, high = (int(part) for part in out.split())
+            return (low, high)
+        except (OSError, ValueError, subprocess.SubprocessError):
+            log.debug("Cannot ask sysctl for the ephemeral range; assuming IANA's.")
+    return (49152, 65535)
+
+
+@functools.cache
+def _reserved_ports() -> tuple[tuple[int, int], ...]:
+    """``ip_local_reserved_ports`` as ``(low, high)`` spans (cached; Linux only).
+
+    Ports reserved there are set aside by the admin for some service that
+    binds them explicitly; leasing them would hand that service's port out.
+    """
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_reserved_ports").read_text().strip()
+    except OSError:
+        return ()
+    spans: list[tuple[int, int]] = []
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        try:
+            spans.append((int(low), int(high or low)))
+        except ValueError:
+            log.debug("Ignoring %r in ip_local_reserved_ports.", part)
+    return tuple(spans)
+
+
+def default_port_range() -> tuple[int, int]:
+    """Ports to lease from when nothing is configured, both ends included.
+
+    From 20000 up to just below the kernel's ephemeral range (on Linux
+    ``/proc/sys/net/ipv4/ip_local_port_range``, on macOS ``sysctl
+    net.inet.ip.portrange``), e.g. 20000-32767 on a stock Linux. If that
+    leaves fewer than 1000 ports, the ports above the ephemeral range are used
+    when there are 1000 of them; else 20000-29999 with a logged warning.
+    """
+    eph_low, eph_high = _ephemeral_range()
+    below = (DEFAULT_RANGE_LOW, eph_low - 1)
+    above = (max(eph_high + 1, DEFAULT_RANGE_LOW), HIGHEST_PORT)
+    best = max(below, above, key=lambda span: span[1] - span[0])
+    if best[1] - best[0] + 1 >= MIN_DEFAULT_SPAN:
+        return best
+    log.warning(
+        "The kernel's ephemeral port range %d-%d leaves no room for leases; using "
+        "%d-%d, which the kernel may also hand out. Set $%s=LO-HI to choose.",
+        eph_low,
+        eph_high,
+        *FALLBACK_RANGE,
+        PORT_RANGE_ENV,
+    )
+    return FALLBACK_RANGE
+
+
+def configured_port_range(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``$HARNESS_PORT_RANGE`` (``LO-HI``) if set, else `default_port_range`.
+
+    Raises `HarnessError` for a malformed or out-of-bounds value.
+    """
+    source = os.environ if env is None else env
+    value = source.get(PORT_RANGE_ENV)
+    if not value:
+        return default_port_range()
+    low, sep, high = value.strip().partition("-")
+    try:
+        if not sep:
+            raise ValueError(value)
+        span = (int(low), int(high))
+    except ValueError:
+        msg = (
+            f"${PORT_RANGE_ENV} is {value!r}; expected LO-HI, two port numbers "
+            f"such as '20000-32767'. Fix or unset it"
+        )
+        raise HarnessError(msg) from None
+    return _checked_range(span, f"${PORT_RANGE_ENV}")
+
+
+def _checked_range(span: object, origin: str) -> tuple[int, int]:
+    if (
+        not isinstance(span, tuple)
+        or len(span) != 2
+        or not all(isinstance(end, int) and not isinstance(end, bool) for end in span)
+    ):
+        msg = (
+            f"the port range from {origin} is {span!r}; expected a tuple of two "
+            f"ints (low, high), such as (20000, 32767)"
+        )
+        raise HarnessError(msg)
+    low, high = span
+    if not LOWEST_PORT <= low <= high <= HIGHEST_PORT:
+        msg = (
+            f"the port range {low}-{high} from {origin} is not within "
+            f"{LOWEST_PORT}-{HIGHEST_PORT} with low <= high; choose e.g. "
+            f"20000-32767 (below the kernel's ephemeral range)"
+        )
+        raise HarnessError(msg)
+    eph_low, eph_high = _ephemeral_range()
+    if low <= eph_high and high >= eph_low:
+        log.debug(
+            "The port range %d-%d overlaps the ephemeral range %d-%d; the kernel "
+            "may bind a leased port for an outgoing connection before its holder.",
+            low,
+            high,
+            eph_low,
+            eph_high,
+        )
+    return (low, high)
+
+
+def _is_reserved(port: int) -> bool:
+    return any(low <= port <= high for low, high in _reserved_ports())
+
+
+# --- probing ----------------------------------------------------------------
+
+
+@functools.cache
+def _family_of(host: str) -> tuple[socket.AddressFamily, str]:
+    """The address family of *host* and its wildcard address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        msg = (
+            f"host {host!r} is not an IP address; leases are probed by binding, "
+            f"so pass the address the port will be bound on, e.g. '127.0.0.1'"
+        )
+        raise HarnessError(msg) from None
+    if address.version == 6:
+        return (socket.AF_INET6, "::")
+    return (socket.AF_INET, "0.0.0.0")
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why *port* cannot be bound on *host* now, or None if it can.
+
+    Three binds, each on a fresh socket that is closed at once (a socket that
+    never listened or connected leaves no TIME_WAIT behind):
+
+    1. ``host`` without ``SO_REUSEADDR``: fails for any socket on the port,
+       including connections lingering in TIME_WAIT;
+    2. ``host`` with ``SO_REUSEADDR``, as trio and tractor bind: fails for a
+       listener, and for sockets bound under the other option semantics
+       (BSD/macOS differ from Linux here);
+    3. the wildcard address with ``SO_REUSEADDR``: fails for a listener on
+       *any* local address, so a port some daemon serves on the LAN address
+       is skipped even though the loopback bind would succeed. A session
+       whose target binds the wildcard would collide with it.
+    """
+    family, wildcard = _family_of(host)
+    for address, reuse in ((host, False), (host, True), (wildcard, True)):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if reuse:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address, port))
+        except OSError as exc:
+            option = "with" if reuse else "without"
+            return f"bind to {address}:{port} {option} SO_REUSEADDR: {exc.strerror}"
+        finally:
+            sock.close()
+    return None
+
+
+# --- leasing ----------------------------------------------------------------
+
+
+@functools.cache
+def _own_create_time(pid: int) -> float | None:
+    # Keyed by pid so that a forked child computes its own.
+    try:
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except Exception:  # diagnostics only: never let them cost a lease
+        return None
+
+
+def _write_holder(fd: int) -> None:
+    """Note who holds the lease inside the lock file, for `port_holder`."""
+    pid = os.getpid()
+    note = json.dumps(
+        {
+            "pid": pid,
+            "uid": os.geteuid(),
+            "leased_at": time.time(),
+            "create_time": _own_create_time(pid),
+        }
+    ).encode()
+    os.pwrite(fd, note + b"\n", 0)
+    os.ftruncate(fd, len(note) + 1)
+
+
+def _new_lock(path: Path) -> UnixFileLock:
+    return UnixFileLock(
+        path,
+        timeout=0,
+        mode=LOCK_FILE_MODE,
+        # One lease is one lock: no per-thread recursion, no shared instances.
+        thread_local=False,
+        is_singleton=False,
+        # A soft lock survives its owner's SIGKILL; a lease must not.
+        fallback_to_soft=False,
+        preserve_lock_file=True,
+        on_acquired=_write_holder,
+    )
+
+
+def lease_port(
+    *,
+    port_range: tuple[int, int] | None = None,
+    lease_dir: Path | None = None,
+    host: str = "127.0.0.1",
+) -> PortLease:
+    """Lease a port no other live lease on the host holds, and that binds now.
+
+    *port_range* ``(low, high)`` (both included) overrides
+    ``$HARNESS_PORT_RANGE`` and `default_port_range`; *lease_dir* overrides
+    `lease_dir` (it is checked the same way); *host* is the IP address the
+    port is probed on and meant for.
+
+    Raises `HarnessError` when the range, the lease dir or the host is bad, or
+    when no port of the range is free; the message says how many ports were
+    taken by leases, in use by other sockets or had unusable lock files.
+    """
+    if port_range is None:
+        span = configured_port_range()
+        origin = (
+            f"${PORT_RANGE_ENV}" if os.environ.get(PORT_RANGE_ENV) else "the default"
+        )
+    else:
+        origin = "the port_range argument"
+        span = _checked_range(port_range, origin)
+    directory = _given_or_default_dir(lease_dir)
+    _family_of(host)
+
+    low, high = span
+    count = high - low + 1
+    start = random.randrange(count)
+    log.debug(
+        "Leasing a port in %d-%d for %s from %s, starting at %d.",
+        low,
+        high,
+        host,
+        directory,
+        low + start,
+    )
+    skipped: Counter[str] = Counter()
+    first_unusable: str | None = None
+    for step in range(count):
+        port = low + (start + step) % count
+        if _is_reserved(port):
+            skipped["reserved"] += 1
+            continue
+        path = directory / f"{port}.lock"
+        lock = _new_lock(path)
+
+        # Lock first, then probe: while we hold the lock no other harness
+        # process can be granted the port, so a successful probe stays true
+        # for everyone but programs outside the harness.
+        try:
+            lock.acquire()
+        except Timeout:
+            skipped["leased"] += 1
+            continue
+        except OSError as exc:
+            # A symlink (ELOOP), another user's file (EACCES), a folder or a
+            # hard link: not a lock file we can trust, so not a port to lease.
+            skipped["unusable"] += 1
+            reason = f"{str(path)!r}: {exc.strerror or exc}"
+            if first_unusable is None:
+                first_unusable = reason
+            level = logging.WARNING if exc.errno == errno.ELOOP else logging.DEBUG
+            log.log(level, "Skipping port %d: cannot lock %s.", port, reason)
+            continue
+
+        problem = _bind_problem(host, port)
+        if problem is not None:
+            lock.release(force=True)
+            skipped["in use"] += 1
+            log.debug("Skipping port %d: %s.", port, problem)
+            continue
+
+        log.debug(
+            "Leased port %d (%s) after %d candidates.",
+            port,
+            path,
+            sum(skipped.values()) + 1,
+        )
+        return PortLease(port, path, host, lock)
+
+    msg = (
+        f"no free port in {low}-{high} (from {origin}) for {host}: of {count} "
+        f"ports, {skipped['leased']} are leased by live sessions, "
+        f"{skipped['in use']} are in use by other sockets, "
+        f"{skipped['unusable']} have unusable lock files in {str(directory)!r}"
+        + (f" (first: {first_unusable})" if first_unusable else "")
+        + f" and {skipped['reserved']} are reserved by the kernel. End sessions "
+        f"you no longer need, or widen the range with ${PORT_RANGE_ENV}=LO-HI "
+        f"or port_range="
+    )
+    raise HarnessError(msg)
+
+
+# --- inspection -------------------------------------------------------------
+
+
+def port_is_leased(port: int, *, lease_dir: Path | None = None) -> bool:
+    """Whether a live process (this one included) holds the lease on *port*.
+
+    Checks by trying a shared, non-blocking lock on the lock file, which any
+    exclusive holder refuses. Never creates a file. A lock file that cannot be
+    opened for reading counts as leased (we cannot tell); a symlink or a
+    missing file does not (no lease can be held through either).
+    """
+    directory = _given_or_default_dir(lease_dir)
+    return _lock_file_held(directory / f"{port}.lock")
+
+
+def _lock_file_held(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        return exc.errno != errno.ELOOP
+    try:
+        # The same primitive `filelock` uses (flock), in shared mode so that
+        # two inspectors never refuse each other.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)  # also drops our shared lock
+    return False
+
+
+def port_holder(port: int, *, lease_dir: Path | None = None) -> PortHolder | None:
+    """Who holds the lease on *port*, or None if nobody does.
+
+    The pid, uid and times come from the note the holder wrote into the lock
+    file right after locking it; fields are None when the note is missing or
+    unreadable (a holder caught between locking and writing, say).
+    """
+    directory = _given_or_default_dir(lease_dir)
+    path = directory / f"{port}.lock"
+    if not _lock_file_held(path):
+        return None
+    note: dict[str, object] = {}
+    with contextlib.suppress(OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            loaded = json.loads(os.read(fd, 4096) or b"{}")
+        finally:
+            os.close(fd)
+        if isinstance(loaded, dict):
+            note = loaded
+
+    def number(key: str) -> float | None:
+        value = note.get(key)
+        return float(value) if isinstance(value, int | float) else None
+
+    pid, uid = number("pid"), number("uid")
+    return PortHolder(
+        port=port,
+        pid=None if pid is None else int(pid),
+        uid=None if uid is None else int(uid),
+        leased_at=number("leased_at"),
+        create_time=number("create_time"),
+        path=path,
+    )
