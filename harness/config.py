@@ -40,7 +40,7 @@ DEFAULT_TRANSPORTS: Final = ("tcp", "uds")
 #: Placeholders a command or flag may use; ``{posargs}`` must stand alone as
 #: one word because it expands to zero or more arguments.
 PLACEHOLDERS: Final = frozenset(
-    {"backend", "transport", "python", "session", "posargs", "bindspace"}
+    {"backend", "transport", "python", "session", "posargs"}
 )
 
 #: Names that end up in session names and tags: no dashes (they separate the

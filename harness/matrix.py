@@ -109,12 +109,6 @@ class Matrix:
                         tags=(config.session_prefix, backend, transport),
                     )
                 )
-        log.debug(
-            "Matrix from %s: %d sessions, %d combinations excluded.",
-            config.source,
-            len(self.cells),
-            len(self.excluded),
-        )
 
     @classmethod
     def load(cls, path: Path | str | None = None) -> Matrix:
