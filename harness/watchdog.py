@@ -30,14 +30,12 @@ import logging
 import os
 import selectors
 import struct
-import subprocess
 import termios
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
-
-import psutil
 
 from harness.errors import HarnessError
 from harness.rtvars import RuntimeVars
@@ -54,8 +52,6 @@ class _Waitable(Protocol):
     pid: int
 
     def poll(self) -> int | None: ...
-
-    def wait(self, timeout: float | None = None) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +311,7 @@ class Watchdog:
             else None
         )
         self._opened = False
+        self._stop = threading.Event()
 
     @classmethod
     def from_rtvars(cls, rtvars: RuntimeVars, **kwargs: Any) -> Watchdog:
@@ -344,7 +341,9 @@ class Watchdog:
 
         The clocks start now: call right after spawning. Returns ``None``
         when the process exits within its limits (its status is then
-        ``proc.returncode``). Nothing is killed either way.
+        ``proc.returncode``), or when `start`'s stop function is called.
+        Nothing is killed either way. A process is seen to exit within
+        *poll_interval* seconds.
         """
         if self.pump is not None:
             self.open()
@@ -370,11 +369,39 @@ class Watchdog:
                 if quiet >= self.silence:
                     return self._event("silence", self.silence, start, started_at, proc)
                 waits.append(self.silence - quiet)
-            try:
-                proc.wait(timeout=max(0.01, min(waits)))
-            except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
-                continue
-            return None
+            if self._stop.wait(max(0.01, min(waits))) or proc.poll() is not None:
+                return None
+
+    def start(
+        self, proc: _Waitable, on_hang: Callable[[HangEvent], None]
+    ) -> Callable[[], None]:
+        """Watch *proc* in a daemon thread; return a function that stops it.
+
+        When a limit is hit, ``on_hang(event)`` runs in that thread: capture
+        the stacks and reap there, and the caller's own wait on *proc* ends
+        when the reap kills it. The returned stop function ends the watch
+        (waiting for a running *on_hang* to finish) and closes the output
+        pump; call it once *proc* has exited. This is the shape of the
+        runner's ``watch(proc, session)`` seam.
+        """
+
+        def watch() -> None:
+            event = self.run(proc)
+            if event is not None:
+                try:
+                    on_hang(event)
+                except Exception:
+                    log.exception("The hang handler failed for process %s.", proc.pid)
+
+        thread = threading.Thread(target=watch, name="harness-watchdog", daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            self._stop.set()
+            thread.join()
+            self.close()
+
+        return stop
 
     def _event(
         self,

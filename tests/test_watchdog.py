@@ -205,6 +205,41 @@ def test_pump_stops_even_when_a_leftover_process_holds_the_output(
         grandchild.kill()
 
 
+def test_start_calls_the_hang_handler_in_its_thread() -> None:
+    seen: list[HangEvent] = []
+    dog = Watchdog(timeout=1.0)
+    proc = subprocess.Popen(_python("import time; time.sleep(60)"))
+
+    def on_hang(event: HangEvent) -> None:
+        seen.append(event)
+        proc.kill()  # what the runner's reap does
+
+    stop = dog.start(proc, on_hang)
+    try:
+        proc.wait(timeout=30)
+    finally:
+        stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [e.kind for e in seen] == ["timeout"]
+    assert seen[0].pid == proc.pid
+
+
+def test_start_stops_without_firing_when_the_command_exits() -> None:
+    seen: list[HangEvent] = []
+    dog = Watchdog(timeout=30.0, silence=30.0)
+    with dog:
+        proc = subprocess.Popen(
+            _python("print('done')"),
+            **dog.popen_kwargs(),
+        )
+        stop = dog.start(proc, seen.append)
+        proc.wait(timeout=30)
+        stop()
+    assert seen == []
+
+
 def test_limits_come_from_the_envelope() -> None:
     dog = Watchdog.from_rtvars(RuntimeVars(diag_on_hang=600.0, diag_silence=120.0))
     assert (dog.timeout, dog.silence) == (600.0, 120.0)
