@@ -1,36 +1,36 @@
 """Host-wide port leases: one registry port per session, unique on the host.
 
-A lease is an exclusive `filelock` lock on ``<lease-dir>/<port>.lock``. The
-lease dir is shared by every user of the host (``01777``, like ``/tmp``), so
-two sessions never hold the same port, whichever process or user runs them.
-The lock belongs to the open file in the owner process: when the owner exits,
-however it exits (SIGKILL and OOM included), the kernel drops the lock and the
-port is free again. Nothing needs cleaning up and lock files are never
-deleted, because deleting a lock file while another process waits to lock it
-is the classic unlink race (two holders of two different inodes).
+A lease is an exclusive ``flock`` on ``<lease-dir>/<port>.lock``, taken with
+`filelock`'s `lock_descriptor`. The lease dir is shared by every user of the
+host (``01777``, like ``/tmp``), so two sessions never hold the same port,
+whichever process or user runs them. The lock belongs to the open file in the
+owner process: when the owner exits, however it exits (SIGKILL and OOM
+included), the kernel drops the lock and the port is free again. Nothing needs
+cleaning up, and lock files are never deleted: deleting a lock file while
+another process has it open is the classic unlink race (two holders, each
+locking a different inode under the same name).
 
 A lock alone does not make a port free: a program outside the harness may
 listen on it. So a port is granted only after the caller, holding the lock,
 has bound ``<host>:<port>`` twice (without and with ``SO_REUSEADDR``, the way
 trio binds) and the wildcard address once, and closed the probe sockets.
 
-Candidates come from ``$HARNESS_PORT_RANGE`` (``LO-HI``), the ``port_range=``
-argument, or `default_port_range`: ports below the kernel's ephemeral range,
-where the kernel never hands out ports to outgoing connections on its own.
-The walk starts at a random offset so that concurrent sessions do not all
-queue for the same first port.
+Candidates come from the ``port_range=`` argument, ``$HARNESS_PORT_RANGE``
+(``LO-HI``) or `default_port_range`: ports below the kernel's ephemeral range,
+which the kernel never picks on its own for an outgoing connection. The walk
+starts at a random offset so that concurrent sessions do not all queue for
+the same first port.
 
 What a caller must know:
 
-- Keep the `PortLease` object, or call `PortLease.release`; the lease lasts
+- Keep the `PortLease` object or call `PortLease.release`: the lease lasts
   until then or until the process exits. Dropping the object does not end it.
-- The lock's descriptor is close-on-exec, so exec'd children never hold a
-  lease. A child made by ``os.fork`` without exec does not hold it either:
-  `filelock` closes its descriptors in the child, so the lease ends with the
-  process that took it.
-- A lock file created by another user is used only if that user is the lease
-  dir's owner (root, normally); `filelock` refuses the others because their
-  owner could swap the file while we hold it. Such ports are skipped.
+- Children never hold a lease. The lock's descriptor is close-on-exec, and a
+  child made by ``os.fork`` without exec closes its copy at once (as
+  `filelock`'s own locks do), so the lease ends with the process that took it.
+- A lock file is used only if it belongs to you or to the lease dir's owner
+  (root, normally). Anyone else who owns a file in a sticky dir could swap it
+  for another while we hold the lock, so such ports are skipped.
 """
 
 from __future__ import annotations
@@ -58,9 +58,26 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from filelock import Timeout, UnixFileLock
-
 from harness.errors import HarnessError
+
+try:
+    from filelock import lock_descriptor, unlock_descriptor
+except ImportError:  # filelock < 3.30: the same flock, called directly
+
+    def lock_descriptor(
+        fd: int, *, blocking: bool = True, poll_interval: float = 0.05
+    ) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def unlock_descriptor(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
 
 log = logging.getLogger("harness.ports")
 
@@ -83,15 +100,44 @@ LOWEST_PORT: Final = 1024
 HIGHEST_PORT: Final = 65535
 
 #: Every user of the host may open, and so lock, a lock file whoever created
-#: it: the file's mode must allow writing to all (`filelock` opens it
-#: read-write and applies the mode after creating it, past the umask).
+#: it. Set with fchmod after creating, past the umask.
 LOCK_FILE_MODE: Final = 0o666
 LEASE_DIR_MODE: Final = 0o1777
 
-# Strong references to every unreleased lease of this process: a lease lives
-# until `release()` or process exit, never until the garbage collector runs.
-_HELD: set[PortLease] = set()
-_HELD_LOCK = threading.Lock()
+_OPEN_FLAGS: Final = (
+    os.O_RDWR
+    | os.O_CLOEXEC
+    | os.O_NOCTTY
+    # A symlink planted in the shared dir must not redirect our note (and, as
+    # root, a truncate) onto some other file.
+    | os.O_NOFOLLOW
+    # A FIFO planted under a lock file's name must not block the open.
+    | os.O_NONBLOCK
+)
+
+#: Errors of the lease dir as a whole: no other port would fare better.
+_DIR_ERRNOS: Final = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+#: flock is not available on the lease dir's file system (some NFS and FUSE
+#: mounts). A lock file without flock cannot free itself when its owner dies.
+_NO_FLOCK_ERRNOS: Final = frozenset(
+    {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+)
+
+
+class _LeaseTable:
+    """This process's leases and lock descriptors."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        # Strong references to every unreleased lease: a lease lives until
+        # `release()` or process exit, never until the garbage collector runs.
+        self.held: set[PortLease] = set()
+        # Every lock descriptor open, held or being tried; a forked child
+        # closes them all (see `_forget_leases_in_child`).
+        self.fds: set[int] = set()
+
+
+_TABLE = _LeaseTable()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +154,8 @@ class PortHolder:
     """`time.time` when the lease was taken."""
     create_time: float | None
     """The owner process's start time, to tell a recycled pid apart."""
+    host: str | None
+    """The address the port was probed on."""
     path: Path
 
 
@@ -117,21 +165,21 @@ class PortLease:
     Use it as a context manager or call `release` (idempotent). ``port`` is
     the leased port, ``path`` the lock file, ``host`` the address the port was
     probed on; ``address`` is ``(host, port)``, ready for a registry address.
+    Built by `lease_port`, never directly.
     """
 
     port: int
     path: Path
     host: str
 
-    def __init__(self, port: int, path: Path, host: str, lock: UnixFileLock) -> None:
+    def __init__(self, port: int, path: Path, host: str, fd: int) -> None:
         self.port = port
         self.path = path
         self.host = host
-        self._lock: UnixFileLock | None = lock
+        self._fd: int | None = fd
         self._owner_pid = os.getpid()
-        self._release_lock = threading.Lock()
-        with _HELD_LOCK:
-            _HELD.add(self)
+        with _TABLE.lock:
+            _TABLE.held.add(self)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -139,23 +187,23 @@ class PortLease:
 
     @property
     def held(self) -> bool:
-        """Whether this process still holds the lease.
-
-        False after `release`, and in a child forked from the owner (the
-        child never holds it, see the module docstring).
-        """
-        return self._lock is not None and os.getpid() == self._owner_pid
+        """Whether this process still holds the lease (False after `release`)."""
+        return self._fd is not None and os.getpid() == self._owner_pid
 
     def release(self) -> None:
         """Give the port back. Calling it again, or in a forked child, is a no-op."""
-        with self._release_lock:
-            lock, self._lock = self._lock, None
-        with _HELD_LOCK:
-            _HELD.discard(self)
-        if lock is None or os.getpid() != self._owner_pid:
+        with _TABLE.lock:
+            fd, self._fd = self._fd, None
+            _TABLE.held.discard(self)
+            if fd is not None:
+                _TABLE.fds.discard(fd)
+        if fd is None or os.getpid() != self._owner_pid:
             return
         log.debug("Releasing the lease on port %d (%s).", self.port, self.path)
-        lock.release(force=True)
+        try:
+            unlock_descriptor(fd)
+        finally:
+            os.close(fd)
         log.debug("Released the lease on port %d.", self.port)
 
     def __enter__(self) -> PortLease:
@@ -172,6 +220,29 @@ class PortLease:
     def __repr__(self) -> str:
         state = "held" if self.held else "released"
         return f"<PortLease {self.host}:{self.port} {state} {str(self.path)!r}>"
+
+
+def _forget_leases_in_child() -> None:
+    """After ``os.fork``: close the parent's lock descriptors in the child.
+
+    flock belongs to the open file, which parent and child share after a
+    fork; were the child to keep its copy, a lease would outlive its owner as
+    long as any forked worker lives. Closing the copy leaves the parent's
+    lock untouched. The state lock is replaced, since another thread of the
+    parent may have held it at the moment of the fork.
+    """
+    _TABLE.lock = threading.Lock()
+    for fd in _TABLE.fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _TABLE.fds.clear()
+    for lease in _TABLE.held:
+        lease._fd = None
+    _TABLE.held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_leases_in_child)
 
 
 # --- the lease dir ----------------------------------------------------------
@@ -206,73 +277,74 @@ def _checked_lease_dir(path: Path, origin: str) -> Path:
     if not path.is_absolute():
         msg = f"{origin} {str(path)!r} is not an absolute path; {fix}"
         raise HarnessError(msg)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        _create_lease_dir(path, origin, fix)
+        st = os.lstat(path)
+    except OSError as exc:
+        msg = f"{origin} {str(path)!r} cannot be inspected: {exc.strerror}; {fix}"
+        raise HarnessError(msg) from None
 
-    # Create it shared: every user of the host must be able to add lock files.
-    created = False
+    # lstat, not stat: a symlink planted in a shared /tmp by another user
+    # would otherwise redirect every lock file into a folder they control.
+    if stat.S_ISLNK(st.st_mode):
+        msg = (
+            f"{origin} {str(path)!r} is a symlink (to {_readlink(path)!r}); the "
+            f"harness never follows links to its lease dir. Remove the link if "
+            f"it is not yours to keep, or {fix}"
+        )
+        raise HarnessError(msg)
+    if not stat.S_ISDIR(st.st_mode):
+        msg = f"{origin} {str(path)!r} is not a folder; remove it, or {fix}"
+        raise HarnessError(msg)
+
+    # The owner of the folder may delete or rename any file in it, sticky bit
+    # or not, and so end other users' leases: only root or you will do.
+    uid = os.geteuid()
+    if st.st_uid not in (0, uid):
+        msg = (
+            f"{origin} {str(path)!r} belongs to uid {st.st_uid}, neither root "
+            f"nor you (uid {uid}), and its owner could delete the lock files of "
+            f"held leases. Have root create it (`install -d -m 1777 {path}`), "
+            f"or {fix}"
+        )
+        raise HarnessError(msg)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+        msg = (
+            f"{origin} {str(path)!r} is writable by others (mode {mode:04o}) "
+            f"without the sticky bit, so anyone could delete the lock files of "
+            f"held leases. Run `chmod +t {path}` if it is yours, or {fix}"
+        )
+        raise HarnessError(msg)
+    if not os.access(path, os.W_OK | os.X_OK):
+        msg = (
+            f"{origin} {str(path)!r} (mode {mode:04o}, uid {st.st_uid}) does not "
+            f"let you create lock files in it; {fix}"
+        )
+        raise HarnessError(msg)
+    return path
+
+
+def _create_lease_dir(path: Path, origin: str, fix: str) -> None:
+    """Create *path* as a shared ``01777`` folder, if nobody beats us to it."""
     try:
         os.mkdir(path, 0o700)
-        created = True
-        log.debug("Created the lease dir %s.", path)
     except FileExistsError:
-        pass
+        return  # another process made it first; the caller checks it as found
     except OSError as exc:
         msg = f"cannot create {origin} {str(path)!r}: {exc.strerror}; {fix}"
         raise HarnessError(msg) from None
-
-    # Inspect through a descriptor opened with O_NOFOLLOW, so that what is
-    # checked is what is used: a symlink planted in a shared /tmp by another
-    # user would otherwise redirect our lock files into a folder they control.
+    # Widen it through a descriptor of the folder we just made: should it be
+    # swapped for a link in between, O_NOFOLLOW refuses rather than chmod-ing
+    # the link's target.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP or os.path.islink(path):
-            what = f"a symlink (to {_readlink(path)!r})"
-        elif exc.errno == errno.ENOTDIR:
-            what = "not a folder"
-        else:
-            what = f"unusable ({exc.strerror})"
-        msg = (
-            f"{origin} {str(path)!r} is {what}; the harness never follows "
-            f"links or uses files as its lease dir. Remove it if it is not "
-            f"yours to keep, or {fix}"
-        )
-        raise HarnessError(msg) from None
-    try:
-        st = os.fstat(fd)
-        uid = os.geteuid()
-        if created:
-            # Only the creator may widen it; a folder found in place is
-            # judged as it is, never changed.
-            os.fchmod(fd, LEASE_DIR_MODE)
-            st = os.fstat(fd)
-        if st.st_uid not in (0, uid):
-            msg = (
-                f"{origin} {str(path)!r} belongs to uid {st.st_uid}, neither "
-                f"root nor you (uid {uid}); its owner could delete the lock "
-                f"files of held leases. Ask root to create it with mode 1777 "
-                f"(e.g. `install -d -m 1777 {path}`), or {fix}"
-            )
-            raise HarnessError(msg)
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
-            msg = (
-                f"{origin} {str(path)!r} is writable by others (mode "
-                f"{mode:04o}) without the sticky bit, so anyone could delete "
-                f"the lock files of held leases. Run `chmod +t {path}` if it "
-                f"is yours, or {fix}"
-            )
-            raise HarnessError(msg)
-        if not os.access(
-            fd if os.access in os.supports_fd else path, os.W_OK | os.X_OK
-        ):
-            msg = (
-                f"{origin} {str(path)!r} (mode {mode:04o}, uid {st.st_uid}) "
-                f"does not let you create lock files; {fix}"
-            )
-            raise HarnessError(msg)
+        os.fchmod(fd, LEASE_DIR_MODE)
     finally:
         os.close(fd)
-    return path
+    log.info("Created the lease dir %s (mode 1777, shared by every user).", path)
 
 
 def _readlink(path: Path) -> str:
@@ -487,34 +559,77 @@ def _own_create_time(pid: int) -> float | None:
         return None
 
 
-def _write_holder(fd: int) -> None:
-    """Note who holds the lease inside the lock file, for `port_holder`."""
+def _holder_note(host: str) -> bytes:
     pid = os.getpid()
-    note = json.dumps(
-        {
-            "pid": pid,
-            "uid": os.geteuid(),
-            "leased_at": time.time(),
-            "create_time": _own_create_time(pid),
-        }
-    ).encode()
-    os.pwrite(fd, note + b"\n", 0)
-    os.ftruncate(fd, len(note) + 1)
+    note = {
+        "pid": pid,
+        "uid": os.geteuid(),
+        "leased_at": time.time(),
+        "create_time": _own_create_time(pid),
+        "host": host,
+    }
+    return json.dumps(note).encode() + b"\n"
 
 
-def _new_lock(path: Path) -> UnixFileLock:
-    return UnixFileLock(
-        path,
-        timeout=0,
-        mode=LOCK_FILE_MODE,
-        # One lease is one lock: no per-thread recursion, no shared instances.
-        thread_local=False,
-        is_singleton=False,
-        # A soft lock survives its owner's SIGKILL; a lease must not.
-        fallback_to_soft=False,
-        preserve_lock_file=True,
-        on_acquired=_write_holder,
-    )
+class _NoFlock(Exception):
+    """The lease dir's file system refuses flock."""
+
+
+def _try_lock(path: Path, dir_uid: int, host: str) -> int | str | None:
+    """Open and lock *path*: the descriptor, None if held, or why it is unusable.
+
+    Raises `_NoFlock` when flock itself is unsupported and `OSError` for
+    errors of the whole lease dir (read-only, full).
+    """
+    created = False
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        try:
+            fd = os.open(path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, LOCK_FILE_MODE)
+            created = True
+        except FileExistsError:
+            fd = os.open(path, _OPEN_FLAGS)  # a racing creator won; use theirs
+    with _TABLE.lock:
+        _TABLE.fds.add(fd)
+    keep = False
+    try:
+        st = os.fstat(fd)
+        if created:
+            os.fchmod(fd, LOCK_FILE_MODE)
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if st.st_nlink != 1:
+            # A second name for the file: writing our note would write to
+            # whatever else it is, or two ports would share one lock.
+            return f"{st.st_nlink} hard links"
+        if st.st_uid not in (os.geteuid(), dir_uid):
+            return f"owned by uid {st.st_uid}, who could replace it during a lease"
+        try:
+            if not lock_descriptor(fd, blocking=False):
+                return None
+        except OSError as exc:
+            if exc.errno in _NO_FLOCK_ERRNOS:
+                raise _NoFlock(exc.strerror or str(exc)) from None
+            raise
+        # Between open and lock, the file's owner may have replaced it; a
+        # lock on an inode that no longer has the name locks nothing.
+        try:
+            current = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if not os.path.samestat(current, st):
+            return None
+        note = _holder_note(host)
+        os.pwrite(fd, note, 0)
+        os.ftruncate(fd, len(note))
+        keep = True
+        return fd
+    finally:
+        if not keep:
+            with _TABLE.lock:
+                _TABLE.fds.discard(fd)
+            os.close(fd)  # drops the lock too, if we took it
 
 
 def lease_port(
@@ -527,22 +642,26 @@ def lease_port(
 
     *port_range* ``(low, high)`` (both included) overrides
     ``$HARNESS_PORT_RANGE`` and `default_port_range`; *lease_dir* overrides
-    `lease_dir` (it is checked the same way); *host* is the IP address the
-    port is probed on and meant for.
+    the host-wide lease dir (it is checked the same way); *host* is the IP
+    address the port is probed on and meant for.
 
-    Raises `HarnessError` when the range, the lease dir or the host is bad, or
-    when no port of the range is free; the message says how many ports were
-    taken by leases, in use by other sockets or had unusable lock files.
+    Raises `HarnessError` when the range, the lease dir or the host is bad,
+    when the lease dir's file system cannot lock, or when no port of the range
+    is free; that message counts the ports leased by others, in use by other
+    sockets and with unusable lock files.
     """
     if port_range is None:
         span = configured_port_range()
         origin = (
-            f"${PORT_RANGE_ENV}" if os.environ.get(PORT_RANGE_ENV) else "the default"
+            f"from ${PORT_RANGE_ENV}"
+            if os.environ.get(PORT_RANGE_ENV)
+            else "the default range"
         )
     else:
-        origin = "the port_range argument"
-        span = _checked_range(port_range, origin)
+        span = _checked_range(port_range, "the port_range argument")
+        origin = "from the port_range argument"
     directory = _given_or_default_dir(lease_dir)
+    dir_uid = os.lstat(directory).st_uid
     _family_of(host)
 
     low, high = span
@@ -557,51 +676,61 @@ def lease_port(
         low + start,
     )
     skipped: Counter[str] = Counter()
-    first_unusable: str | None = None
+    first_unusable = ""
     for step in range(count):
         port = low + (start + step) % count
         if _is_reserved(port):
             skipped["reserved"] += 1
             continue
         path = directory / f"{port}.lock"
-        lock = _new_lock(path)
 
         # Lock first, then probe: while we hold the lock no other harness
-        # process can be granted the port, so a successful probe stays true
+        # process can be granted the port, so a probe that passes stays true
         # for everyone but programs outside the harness.
         try:
-            lock.acquire()
-        except Timeout:
+            outcome = _try_lock(path, dir_uid, host)
+        except _NoFlock as exc:
+            msg = (
+                f"the file system of the lease dir {str(directory)!r} does not "
+                f"support flock ({exc}); leases need it to end when their owner "
+                f"dies. Set ${LEASE_DIR_ENV} to a folder on a local disk or tmpfs"
+            )
+            raise HarnessError(msg) from None
+        except OSError as exc:
+            if exc.errno in _DIR_ERRNOS:
+                msg = (
+                    f"cannot create lock files in the lease dir "
+                    f"{str(directory)!r}: {exc.strerror}; free space or set "
+                    f"${LEASE_DIR_ENV} to another folder"
+                )
+                raise HarnessError(msg) from None
+            outcome = exc.strerror or str(exc)
+        if outcome is None:
             skipped["leased"] += 1
             continue
-        except OSError as exc:
-            # A symlink (ELOOP), another user's file (EACCES), a folder or a
-            # hard link: not a lock file we can trust, so not a port to lease.
+        if isinstance(outcome, str):
+            # A symlink (ELOOP), another user's private file (EACCES), a
+            # folder, a hard link: not a lock file to trust, not a port to use.
             skipped["unusable"] += 1
-            reason = f"{str(path)!r}: {exc.strerror or exc}"
-            if first_unusable is None:
-                first_unusable = reason
-            level = logging.WARNING if exc.errno == errno.ELOOP else logging.DEBUG
-            log.log(level, "Skipping port %d: cannot lock %s.", port, reason)
+            first_unusable = first_unusable or f"{str(path)!r}: {outcome}"
+            level = logging.WARNING if "symbolic link" in outcome else logging.DEBUG
+            log.log(level, "Skipping port %d: %s: %s.", port, path, outcome)
             continue
 
         problem = _bind_problem(host, port)
         if problem is not None:
-            lock.release(force=True)
+            with _TABLE.lock:
+                _TABLE.fds.discard(outcome)
+            os.close(outcome)
             skipped["in use"] += 1
             log.debug("Skipping port %d: %s.", port, problem)
             continue
 
-        log.debug(
-            "Leased port %d (%s) after %d candidates.",
-            port,
-            path,
-            sum(skipped.values()) + 1,
-        )
-        return PortLease(port, path, host, lock)
+        log.debug("Leased port %d (%s), candidate %d.", port, path, step + 1)
+        return PortLease(port, path, host, outcome)
 
     msg = (
-        f"no free port in {low}-{high} (from {origin}) for {host}: of {count} "
+        f"no free port in {low}-{high} ({origin}) for {host}: of {count} "
         f"ports, {skipped['leased']} are leased by live sessions, "
         f"{skipped['in use']} are in use by other sockets, "
         f"{skipped['unusable']} have unusable lock files in {str(directory)!r}"
@@ -680,5 +809,6 @@ def port_holder(port: int, *, lease_dir: Path | None = None) -> PortHolder | Non
         uid=None if uid is None else int(uid),
         leased_at=number("leased_at"),
         create_time=number("create_time"),
+        host=host if isinstance(host := note.get("host"), str) else None,
         path=path,
     )
