@@ -98,8 +98,26 @@ def format_age(seconds: float) -> str:
     return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
+#: Longest argument shown whole in a command line; the JSON report has all.
+MAX_ARG = 80
+
+
+def short_command(cmdline: Sequence[str], name: str) -> str:
+    """A command line on one line: newlines shown as ``\\n``, arguments
+    longer than `MAX_ARG` cut with ``...``; ``[name]`` when it is empty."""
+    if not cmdline:
+        return f"[{name}]"
+    shown = []
+    for arg in cmdline:
+        one_line = arg.replace("\n", "\\n")
+        if len(one_line) > MAX_ARG:
+            one_line = one_line[: MAX_ARG - 3] + "..."
+        shown.append(one_line)
+    return " ".join(shown)
+
+
 def command_of(proc: LeakedProcess) -> str:
-    return " ".join(proc.cmdline) if proc.cmdline else f"[{proc.name}]"
+    return short_command(proc.cmdline, proc.name)
 
 
 def _owner_text(report: LeakReport) -> str:
@@ -214,9 +232,10 @@ def _leak_summary(report: LeakReport) -> str:
 def _next_step(report: LeakReport) -> str:
     if report.leaked:
         return (
-            f"Next: [bold]harness reap {report.session}[/bold] ends the processes "
-            "and removes stale socket files (add --dry-run to preview); "
-            f"[bold]harness ps {report.session}[/bold] shows the process tree."
+            f"Next: [bold]harness reap {report.session}[/bold]   ends the "
+            "processes, removes stale socket files (--dry-run previews)\n"
+            f"      [bold]harness ps {report.session}[/bold]     shows the "
+            "process tree"
         )
     if not report.owner_alive:
         return (
@@ -255,7 +274,7 @@ def render_reap(result: ReapResult, console: Console) -> None:
     if result.processes:
         table = _table("PID", "OUTCOME", "SIGNAL", "FOUND BY", "COMMAND", "NOTE")
         for proc in result.processes:
-            command = " ".join(proc.cmdline) if proc.cmdline else f"[{proc.name}]"
+            command = short_command(proc.cmdline, proc.name)
             table.add_row(
                 str(proc.pid),
                 proc.outcome,

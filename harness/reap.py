@@ -31,6 +31,7 @@ import msgspec
 import psutil
 
 from harness.attribution import same_create_time
+from harness.leak_report import short_command
 from harness.leaks import LeakedProcess, LeakReport, check_leaks, probe_socket
 from harness.records import SessionRecord, SessionStore
 
@@ -285,7 +286,7 @@ def _plan(report: LeakReport) -> list[str]:
     plan = []
     depth = _depths(report.processes)
     for proc in sorted(report.processes, key=lambda p: -depth.get(p.pid, 0)):
-        command = " ".join(proc.cmdline) or proc.name
+        command = short_command(proc.cmdline, proc.name)
         if proc.zombie:
             plan.append(f"leave zombie {proc.pid} ({command}) to its parent")
         else:
