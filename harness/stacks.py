@@ -433,7 +433,9 @@ def capture_process(
 
     notes: list[str] = []
     spy = find_py_spy() if isinstance(py_spy, _Auto) else py_spy
-    if spy is not None:
+    if spy is None:
+        notes.append(_why_no_py_spy(py_spy))
+    else:
         out, error = _py_spy_dump(spy, pid, timeout)
         if error is not None and not error.startswith("ptrace"):
             # py-spy sometimes misreads a process that is busy starting up or
@@ -447,8 +449,6 @@ def capture_process(
             else:
                 return ProcessStacks(**base, method="py-spy", threads=threads, raw=out)
         notes.append(error)
-    else:
-        notes.append("py-spy not used (not found, or disabled by $HARNESS_PY_SPY)")
 
     try:
         envelope = get_rtvars(proc, missing_ok=True)
@@ -468,6 +468,14 @@ def capture_process(
         )
     notes.append(error)
     return ProcessStacks(**base, error="; ".join(notes), notes=tuple(notes))
+
+
+def _why_no_py_spy(requested: str | _Auto | None) -> str:
+    if not isinstance(requested, _Auto):
+        return "py-spy disabled by the caller"
+    if os.environ.get(PY_SPY_ENV, None) == "":
+        return f"py-spy disabled (${PY_SPY_ENV} is empty)"
+    return "py-spy not found (pip install py-spy, or set $HARNESS_PY_SPY to it)"
 
 
 def capture_stacks(
@@ -492,6 +500,7 @@ def capture_stacks(
             seen.add(pid)
             unique.append((spec, how))
     spy = find_py_spy() if isinstance(py_spy, _Auto) else py_spy
+    requested = py_spy if spy is None else spy
     log.info(
         "Capturing the stacks of %d processes (py-spy: %s).", len(unique), spy or "off"
     )
@@ -501,7 +510,11 @@ def capture_stacks(
         results = list(
             pool.map(
                 lambda t: capture_process(
-                    t, py_spy=spy, signum=signum, bindspace=bindspace, timeout=timeout
+                    t,
+                    py_spy=requested,
+                    signum=signum,
+                    bindspace=bindspace,
+                    timeout=timeout,
                 ),
                 unique,
             )

@@ -252,7 +252,7 @@ def test_fallback_via_empty_env_var(
     stacks = capture_process((tree.pids["orphan"], "envelope"))
     assert stacks.method == "faulthandler", stacks.error
     assert "block_here_orphan_xyz" in _functions(stacks)
-    assert any("py-spy not used" in note for note in stacks.notes)
+    assert any("HARNESS_PY_SPY is empty" in note for note in stacks.notes)
 
 
 def test_helpers_without_a_handler_are_listed_with_the_reason(tree: Tree) -> None:
