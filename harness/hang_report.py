@@ -265,7 +265,7 @@ def _process_section(
         ("attributed", proc.how),
     ]
     if proc.captured:
-        method = proc.method or ""
+        method: str = proc.method or ""
         if before is not None and before.method and before.method != proc.method:
             method = f"{before.method} (snapshot 1), {proc.method} (snapshot 2)"
         rows.append(("captured by", method))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from harness.hang_report import HangReport
-    from harness.records import SessionRecord
+    from harness.records import SessionRecord, SessionStore
     from harness.stacks import Target
 
 HELP = "show the Python stacks of every process of a live session"
@@ -152,16 +152,16 @@ def session_targets(record: SessionRecord) -> list[Target]:
     return targets
 
 
-def _choose(store: Any, session: str | None) -> SessionRecord:
+def _choose(store: SessionStore, session: str | None) -> SessionRecord:
     from harness.errors import HarnessError
     from harness.records import record_state
     from harness.rtvars import load_rtvars
 
     if session:
-        return store.find(session)  # type: ignore[no-any-return]
+        return store.find(session)
     own = load_rtvars(missing_ok=True).session
     if own:
-        return store.find(own)  # type: ignore[no-any-return]
+        return store.find(own)
     live = [r for r in store.list() if record_state(r) == "live"]
     if len(live) == 1:
         return live[0]
