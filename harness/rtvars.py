@@ -13,6 +13,13 @@ tests start as plain subprocesses and orphans re-parented to init.
 Unknown keys: a reader ignores keys it does not know (a newer writer may add
 fields), and `update_rtvars` keeps them when it re-encodes, so an older
 process in the middle of a tree never strips what a newer one added.
+
+Hostile text: the envelope is read from environments the harness does not
+control (``/proc/<pid>/environ`` of any process on the host), so decoding is
+bounded before any parser sees the text. Nothing is ever executed, and no
+input can make the decoder recurse deeply, run for long or allocate more than
+a small multiple of the text; every rejection is an `RtVarsError` that says
+what is wrong and where.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,14 +45,15 @@ log = logging.getLogger("harness.rtvars")
 #: The environment variable that carries the envelope.
 RT_VARS_ENV: Final = "_TRACTOR_RT_VARS"
 
-#: Linux refuses a single ``NAME=value`` string longer than 128 KiB
-#: (``MAX_ARG_STRLEN``) at ``exec`` time with ``E2BIG``; refusing earlier, in
-#: `dump_rtvars`, gives a message that names the envelope instead.
+#: Linux refuses at ``exec`` time, with ``E2BIG``, an environment string
+#: ``NAME=value`` whose length with its terminating NUL exceeds 128 KiB
+#: (``MAX_ARG_STRLEN``); refusing earlier, in `dump_rtvars`, gives a message
+#: that names the envelope instead.
 MAX_ENV_STRING: Final = 128 * 1024
 
-#: Deepest nesting of brackets accepted. Real envelopes nest three deep
-#: (dict -> list -> tuple); the bound keeps `ast` far from the C stack limits
-#: that deep input can hit (CPython gh-95588, gh-126711).
+#: Deepest nesting of containers accepted, the outer dict counting as one.
+#: Real envelopes nest three deep (dict -> list -> tuple); the bound keeps the
+#: parser and the checks far from any recursion limit.
 MAX_DEPTH: Final = 32
 
 #: Longest run of digits accepted in one number: a port, a pid or a time fits
@@ -111,25 +120,36 @@ class RuntimeVars(msgspec.Struct, kw_only=True, omit_defaults=True):
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """The envelope as a plain dict of builtins (tuples kept)."""
+        """The envelope as a plain dict of builtins, tuples kept.
+
+        Fields at their default value are left out, as in the encoded text.
+        """
         return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+
+_FIELDS: Final = frozenset(RuntimeVars.__struct_fields__)
 
 
 # ---------------------------------------------------------------- encoding
 
 
-def _plain(rtvars: RuntimeVars | Mapping[str, Any]) -> dict[str, Any]:
+def _plain(rtvars: RuntimeVars | Mapping[str, Any], *, name: str) -> dict[str, Any]:
+    """The dict to encode: known fields validated, defaults dropped, unknown kept."""
     if isinstance(rtvars, RuntimeVars):
         return rtvars.to_dict()
-    if isinstance(rtvars, Mapping):
-        # Validate what we know, keep what we do not (see module docstring).
-        known = _convert(dict(rtvars), name=RT_VARS_ENV).to_dict()
-        return {**dict(rtvars), **known}
-    msg = (
-        f"cannot encode an envelope from {type(rtvars).__name__!r}: pass a "
-        "RuntimeVars or a dict of its fields"
-    )
-    raise RtVarsError(msg)
+    if not isinstance(rtvars, Mapping):
+        msg = (
+            f"cannot encode an envelope from {_short(rtvars)}: pass a "
+            "RuntimeVars or a dict of its fields"
+        )
+        raise RtVarsError(msg)
+    data = dict(rtvars)
+    # Validate what we know, keep what we do not (see module docstring). Known
+    # fields come first, in the struct's order, so equal envelopes encode to
+    # equal text.
+    known = _convert(data, name=name).to_dict()
+    known.update((key, value) for key, value in data.items() if key not in _FIELDS)
+    return known
 
 
 def encode_rtvars(
@@ -137,51 +157,22 @@ def encode_rtvars(
 ) -> str:
     """Encode *rtvars* to the text of the environment variable.
 
-    Fields at their default value are left out, which keeps the text short
-    and quick to decode. Raises `RtVarsError` when a value is not a plain
-    builtin (its ``repr`` would not decode in the child) or when
-    ``NAME=value`` exceeds the 128 KiB that Linux allows one environment
-    string.
+    *rtvars* is a `RuntimeVars` or a dict of its fields; a dict's keys unknown
+    to `RuntimeVars` are kept as they are. Fields at their default value are
+    left out, which keeps the text short and quick to decode.
+
+    Raises `RtVarsError` when a value is not a plain builtin (its ``repr``
+    would not decode in the child), is nested deeper than `MAX_DEPTH`, is an
+    int of more than `MAX_DIGITS` digits, or when ``NAME=value`` exceeds the
+    128 KiB that Linux allows one environment string.
     """
-    plain = _plain(rtvars)
-    # A value whose repr is not a literal (a Path, a custom object, nan)
-    # would be written fine and then fail in every child: catch it here.
-    for key, value in plain.items():
-        _check_plain(value, f"{name}[{key!r}]", depth=1)
+    plain = _plain(rtvars, name=name)
+    # A value whose repr is not a literal (a Path, an enum, nan) would be
+    # written fine and then fail in every child: catch it here.
+    _check_plain(plain, name)
     text = repr(plain)
-    _check_text(text, name=name)
+    _check_size(len(text.encode("utf-8")), name=name)
     return text
-
-
-_PLAIN_SCALARS = (str, int, bool, type(None))
-
-
-def _check_plain(value: Any, where: str, depth: int) -> None:
-    if isinstance(value, _PLAIN_SCALARS):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            msg = f"cannot encode {where} = {value!r}: not a finite number"
-            raise RtVarsError(msg)
-        return
-    if depth >= MAX_DEPTH:
-        msg = f"cannot encode {where}: nested deeper than {MAX_DEPTH} levels"
-        raise RtVarsError(msg)
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _check_plain(item, f"{where}[{index}]", depth + 1)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_plain(key, f"{where} key {key!r}", depth + 1)
-            _check_plain(item, f"{where}[{key!r}]", depth + 1)
-        return
-    msg = (
-        f"cannot encode {where} = {_short(value)}: the envelope holds only "
-        "str, int, float, bool, None, list, tuple and dict (convert "
-        f"{type(value).__name__} first, e.g. a Path with str())"
-    )
-    raise RtVarsError(msg)
 
 
 def dump_rtvars(
@@ -195,73 +186,354 @@ def dump_rtvars(
     return name, encode_rtvars(rtvars, name=name)
 
 
-# ---------------------------------------------------------------- decoding
+# Exact types only: a subclass (an IntEnum, a str-based enum) has a repr that
+# is not a literal.
+_SCALARS: Final = frozenset({str, bool, type(None)})
+_INT_LIMIT: Final = 10**MAX_DIGITS
 
-_STRING_LITERAL = re.compile(
-    r"""[rRbBuU]{0,2}(?:'''[\s\S]*?'''|\"\"\"[\s\S]*?\"\"\"|'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")"""
+
+def _check_plain(data: dict[str, Any], name: str) -> None:
+    """Raise `RtVarsError` unless *data* holds only what decodes back equal."""
+    for key, value in data.items():
+        # Inlined for the common shapes (a scalar, a list or tuple of scalars
+        # or of flat tuples): this runs on every decode.
+        kind = type(value)
+        if kind in _SCALARS:
+            continue
+        if kind is list or kind is tuple:
+            for item in value:
+                kind = type(item)
+                if kind in _SCALARS:
+                    continue
+                if kind is tuple and all(map(_is_flat_scalar, item)):
+                    continue
+                break
+            else:
+                continue
+        _check_value(value, name, (key,), 2)
+
+
+def _is_flat_scalar(value: Any) -> bool:
+    kind = type(value)
+    return kind in _SCALARS or (kind is int and -_INT_LIMIT < value < _INT_LIMIT)
+
+
+def _check_value(value: Any, name: str, path: tuple[Any, ...], depth: int) -> None:
+    kind = type(value)
+    if kind in _SCALARS:
+        return
+    if kind is int:
+        if -_INT_LIMIT < value < _INT_LIMIT:
+            return
+        problem = f"an int of more than {MAX_DIGITS} digits"
+        fix = "store it as a str"
+    elif kind is float:
+        if math.isfinite(value):
+            return
+        problem = "not a finite number"
+        fix = "use None for 'no limit'"
+    elif kind is list or kind is tuple or kind is dict:
+        if depth > MAX_DEPTH:
+            problem = f"nested deeper than {MAX_DEPTH} levels"
+            fix = "flatten the value"
+        elif kind is dict:
+            for key, item in value.items():
+                _check_value(key, name, (*path, "<key>"), depth + 1)
+                _check_value(item, name, (*path, key), depth + 1)
+            return
+        else:
+            for index, item in enumerate(value):
+                _check_value(item, name, (*path, index), depth + 1)
+            return
+    else:
+        problem = f"a value of type {kind.__name__}, which the envelope cannot carry"
+        fix = (
+            "the envelope holds only str, int, float, bool, None, list, tuple "
+            "and dict; convert the value first (a Path with str(), an enum "
+            "with .value)"
+        )
+    steps = [f"[{step!r}]" for step in path]
+    if len(steps) > 6:
+        steps[3:-2] = ["..."]
+    msg = f"{name}{''.join(steps)} = {_short(value)}: {problem}; {fix}"
+    raise RtVarsError(msg)
+
+
+def _check_size(size: int, *, name: str) -> None:
+    # The kernel counts NAME, "=", the value and the terminating NUL.
+    total = len(name.encode("utf-8", "surrogateescape")) + 1 + size + 1
+    if total > MAX_ENV_STRING:
+        msg = (
+            f"{name} is {size:,} bytes; one environment string may hold at most "
+            f"{MAX_ENV_STRING:,} bytes with its name and terminating NUL. Keep "
+            "large data out of the envelope: write it to a file in the "
+            "bindspace and put the path in the envelope"
+        )
+        raise RtVarsError(msg)
+
+
+# ---------------------------------------------------------------- decoding
+#
+# Decoding has two paths. A text that matches `_REPR_TEXT` (what `repr` of a
+# plain dict looks like) goes straight to `ast.literal_eval`: it holds no
+# name, no operator and no way to chain calls or subscripts, so the parser
+# cannot be driven deep or slow. Anything else takes `_check_structure`
+# first, which bounds the text (depth, digits, sign runs), rejects code with a
+# message that says where it is, and only then lets the parser see it.
+
+_ESCAPE: Final = r"""\\[\\'"abfnrtv0-7xuUN]"""
+# Written as "run of plain characters, then (escape, run)*" rather than
+# "(character | escape)*": the same strings, matched several times faster.
+_STRING: Final = (
+    rf"""'[^'\\\n\r]*+(?:{_ESCAPE}[^'\\\n\r]*+)*+'"""
+    rf"""|"[^"\\\n\r]*+(?:{_ESCAPE}[^"\\\n\r]*+)*+\""""
 )
-_LONG_NUMBER = re.compile(r"\d{%d,}" % (MAX_DIGITS + 1))  # noqa: UP031
-_UNARY_RUN = re.compile(r"[-+~](?:\s*[-+~]){3,}")
+_NUMBER: Final = (
+    rf"-?[0-9]{{1,{MAX_DIGITS}}}(?:\.[0-9]{{1,{MAX_DIGITS}}})?(?:e[-+][0-9]{{1,3}})?"
+)
+_REPR_TEXT: Final = re.compile(
+    # Tokens, each optionally after one space. A value (and a closing bracket)
+    # must be followed by a comma, a colon, a closing bracket or the end: that
+    # rules out calls, subscripts, binary operators and implicit string
+    # concatenation, the only ways flat text could build a deep syntax tree.
+    r"(?:[,:\[({]|\x20?(?:[\[({]"
+    rf"|(?:{_STRING}|{_NUMBER}|True|False|None|[\])}}])(?=[,:\])}}]|\Z)))*+"
+)
+
+# Used on the rare text outside `_REPR_TEXT`. Every pattern is linear: an
+# opening quote always matches up to its closing quote, the end of its line
+# or the end of the text, so the scanner never restarts inside a string.
+_STRING_ANYWHERE: Final = re.compile(
+    r"""'''[\s\S]*?(?:'''|\Z)|\"\"\"[\s\S]*?(?:\"\"\"|\Z)"""
+    r"""|'(?:[^'\\\n]|\\[\s\S])*+(?:'|(?=\n)|\Z)"""
+    r"""|"(?:[^"\\\n]|\\[\s\S])*+(?:"|(?=\n)|\Z)"""
+)
+_NUMBER_OR_WORD: Final = re.compile(
+    r"0[xXoObB][0-9a-fA-F_]*"
+    r"|(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9_]+)?[jJ]?"
+    r"|([^\W\d]\w*)"
+)
+_DIGIT_RUN: Final = re.compile(r"[0-9][0-9_]{%d,}" % MAX_DIGITS)  # noqa: UP031
+_SIGN_RUN: Final = re.compile(r"[-+](?:\s*[-+]){3,}")
+# Operators no literal needs: everything but the signs of numbers.
+_OPERATOR: Final = re.compile(
+    r"[*/%@&|^<>=!;~`$?\\]|(?<![0-9])\.(?![0-9])"
+    r"|(?<=[\w'\")\]}])(?<![0-9.][eE])\s*[-+]"
+)
+_BRACKET: Final = re.compile(r"[\[\](){}]")
+# An opening bracket right after a value calls or subscripts it; a chain of
+# them builds a syntax tree as deep as the text is long.
+_CALL_OR_SUBSCRIPT: Final = re.compile(r"(?<=[\w'\")\]}])\s*[\[(]")
+_STRANGE_CHAR: Final = re.compile(r"[^\x20-\x7e\t\n\r\x0c]")
+_CONSTANTS: Final = frozenset({"True", "False", "None"})
+_STRING_PREFIXES: Final = frozenset({"r", "u", "b", "br", "rb"})
 
 
 def _where(text: str, offset: int) -> str:
     line = text.count("\n", 0, offset) + 1
-    col = offset - (text.rfind("\n", 0, offset) + 1) + 1
-    return f"line {line}, column {col}"
+    column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    if line == 1:
+        return f"character {column:,}"
+    return f"line {line:,}, column {column:,}"
+
+
+def _excerpt(text: str, offset: int, width: int = 24) -> str:
+    return repr(
+        text[offset : offset + width] + ("..." if offset + width < len(text) else "")
+    )
+
+
+def _rejection(
+    name: str, text: str, offset: int, problem: str, fix: str
+) -> RtVarsError:
+    """An error saying what *problem* is at *offset* of *text*, and the fix."""
+    return RtVarsError(
+        f"{name} {problem} at {_where(text, offset)} ({_excerpt(text, offset)}); {fix}"
+    )
+
+
+_LITERALS_ONLY: Final = (
+    "the envelope holds only literals (str, int, float, bool, None, list, "
+    "tuple, dict) as repr() writes them, and is never executed"
+)
 
 
 def _check_text(text: str, *, name: str) -> None:
-    """Bound the text before any parser sees it."""
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size + len(name) + 2 > MAX_ENV_STRING:
+    """Refuse text that is too large, not UTF-8 text, or empty."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        if "\udc80" <= bad <= "\udcff":
+            # os.environ and psutil keep undecodable bytes as lone surrogates
+            # (the surrogateescape error handler): name the original byte.
+            what = f"the byte 0x{ord(bad) - 0xDC00:02X}, which is not UTF-8,"
+        else:
+            what = f"the lone surrogate {bad!r}"
+        raise _rejection(
+            name,
+            text,
+            exc.start,
+            f"holds {what}",
+            "the envelope must be valid UTF-8 text; re-encode it with dump_rtvars()",
+        ) from None
+    _check_size(size, name=name)
+    if (nul := text.find("\0")) >= 0:
+        raise _rejection(name, text, nul, "holds a NUL character", _LITERALS_ONLY)
+    if not text.strip():
         msg = (
-            f"{name} is {size:,} bytes; one environment string may hold at "
-            f"most {MAX_ENV_STRING:,} bytes with its name. Keep large data "
-            "out of the envelope (write it to a file in the bindspace and "
-            "put the path in the envelope)"
+            f"{name} is set but empty ({text!r}); unset it, or set it to '{{}}' "
+            "for an envelope of defaults"
         )
         raise RtVarsError(msg)
+
+
+def _check_structure(text: str, *, name: str) -> None:
+    """Bound and vet text that does not look like repr() output.
+
+    Raises `RtVarsError` naming the first thing that is code, too deep or too
+    long, with its position in *text*.
+    """
+    # Strings may hold anything: look at the structure around them. The
+    # skeleton keeps every offset of the text, so positions stay true.
+    skeleton = _STRING_ANYWHERE.sub(
+        lambda m: m.group()[0] + " " * (len(m.group()) - 1), text
+    )
+    if strange := _STRANGE_CHAR.search(skeleton):
+        raise _rejection(
+            name,
+            text,
+            strange.start(),
+            f"holds the character {strange.group()!r} outside a string",
+            _LITERALS_ONLY,
+        )
+    for match in _NUMBER_OR_WORD.finditer(skeleton):
+        word = match.group(1)
+        if word is None or word in _CONSTANTS:
+            continue
+        quoted = skeleton[match.end() : match.end() + 1] in ("'", '"')
+        if quoted and word.lower() in _STRING_PREFIXES:
+            continue
+        if quoted and set(word.lower()) & {"f", "t"}:
+            kind = "an f-string" if "f" in word.lower() else "a t-string"
+            problem = f"holds {kind} (code inside a string)"
+        else:
+            problem = f"holds the name {word!r} (code, not a literal)"
+        raise _rejection(name, text, match.start(), problem, _LITERALS_ONLY)
+    if operator := _OPERATOR.search(skeleton):
+        raise _rejection(
+            name,
+            text,
+            operator.start(),
+            f"holds the operator {operator.group().strip()!r}",
+            _LITERALS_ONLY,
+        )
+    if chain := _CALL_OR_SUBSCRIPT.search(skeleton):
+        raise _rejection(
+            name,
+            text,
+            chain.end() - 1,
+            "holds a call or a subscript",
+            _LITERALS_ONLY,
+        )
+    if digits := _DIGIT_RUN.search(skeleton):
+        raise _rejection(
+            name,
+            text,
+            digits.start(),
+            f"holds a number of {len(digits.group()):,} digits",
+            f"at most {MAX_DIGITS} are accepted; store a longer one as a str",
+        )
+    if signs := _SIGN_RUN.search(skeleton):
+        raise _rejection(
+            name,
+            text,
+            signs.start(),
+            "holds a run of sign operators",
+            "write the number itself, e.g. -1",
+        )
+    depth = 0
+    for bracket in _BRACKET.finditer(skeleton):
+        if bracket.group() in "([{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _rejection(
+                    name,
+                    text,
+                    bracket.start(),
+                    f"nests deeper than {MAX_DEPTH} brackets",
+                    "an envelope is a flat dict of lists and tuples",
+                )
+        else:
+            depth -= 1
+
+
+def _parse(text: str, *, name: str) -> Any:
+    """The literal *text* stands for, after bounding it; raises `RtVarsError`."""
+    _check_text(text, name=name)
+    if _REPR_TEXT.fullmatch(text):
+        # The common case, a well-formed envelope, costs one parse.
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            pass
+    else:
+        _check_structure(text, name=name)
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
+        with warnings.catch_warnings():
+            # An invalid escape such as '\q' is only a warning to Python;
+            # here it is a mistake to report, not to print in every process.
+            warnings.simplefilter("error")
+            return ast.literal_eval(text.strip())
+    except (
+        ValueError,
+        TypeError,
+        SyntaxError,
+        MemoryError,
+        RecursionError,
+        Warning,
+    ):
+        pass
+    _explain(text.strip(), name=name)
+    msg = f"{name} is not a plain literal"  # _explain always raises first
+    raise RtVarsError(msg)
+
+
+def _explain(text: str, *, name: str) -> None:
+    """Raise an `RtVarsError` that says what is wrong with *text*, and where."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tree = ast.parse(text, mode="eval")
+    except SyntaxError as exc:
+        where = (
+            f"line {exc.lineno}, column {exc.offset}"
+            if exc.lineno
+            else "an unknown place"
+        )
         msg = (
-            f"{name} is not valid UTF-8 at {_where(text, exc.start)} "
-            f"({text[exc.start : exc.end]!r}); the envelope must be text"
+            f"{name} is not a Python literal: {exc.msg} at {where}; "
+            "it may be truncated or hand-edited. Write it with dump_rtvars()"
         )
         raise RtVarsError(msg) from None
-
-    # Strings may hold any bracket or digit: measure the structure without them.
-    skeleton = _STRING_LITERAL.sub(lambda m: "''", text)
-    if sum(map(skeleton.count, "([{")) > MAX_DEPTH:
-        depth = 0
-        for offset, char in enumerate(skeleton):
-            if char in "([{":
-                depth += 1
-                if depth > MAX_DEPTH:
-                    msg = (
-                        f"{name} nests deeper than {MAX_DEPTH} brackets "
-                        f"(near character {offset + 1} of the text without "
-                        "its strings); an envelope is a flat dict of lists "
-                        "and tuples"
-                    )
-                    raise RtVarsError(msg)
-            elif char in ")]}":
-                depth -= 1
-    if match := _LONG_NUMBER.search(skeleton):
-        msg = (
-            f"{name} holds a number of {len(match.group()):,} digits; at most "
-            f"{MAX_DIGITS} are accepted"
-        )
-        raise RtVarsError(msg)
-    if match := _UNARY_RUN.search(skeleton):
-        msg = (
-            f"{name} holds a run of sign operators {match.group()[:20]!r}; "
-            "write the number itself"
-        )
-        raise RtVarsError(msg)
+    except (ValueError, MemoryError, RecursionError, Warning) as exc:
+        msg = f"{name} cannot be parsed: {exc}; write it with dump_rtvars()"
+        raise RtVarsError(msg) from None
+    for node in ast.walk(tree.body):
+        if not isinstance(node, _LITERAL_NODES):
+            kind = type(node).__name__
+            where = f"line {node.lineno}, column {node.col_offset + 1}"  # type: ignore[attr-defined]
+            msg = f"{name} holds a {kind} expression at {where}; {_LITERALS_ONLY}"
+            raise RtVarsError(msg)
+    msg = (
+        f"{name} is not a plain literal: {_short(text)}; a number with a sign "
+        "operator in the wrong place, or a dict key that is a list, can cause "
+        "this. Write it with dump_rtvars()"
+    )
+    raise RtVarsError(msg)
 
 
-_LITERAL_NODES = (
+_LITERAL_NODES: Final = (
     ast.Constant,
     ast.Dict,
     ast.List,
@@ -277,55 +549,19 @@ _LITERAL_NODES = (
 )
 
 
-def _parse(text: str, *, name: str) -> Any:
-    _check_text(text, name=name)
-    # The common case, a well-formed envelope, costs one parse.
-    try:
-        return ast.literal_eval(text.strip())
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        pass
-    _explain(text.strip(), name=name)
-    msg = f"{name} is not a plain literal"  # _explain always raises first
-    raise RtVarsError(msg)
-
-
-def _explain(text: str, *, name: str) -> None:
-    """Raise an `RtVarsError` that says what is wrong with *text*, and where."""
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError as exc:
-        where = f"line {exc.lineno}, column {exc.offset}" if exc.lineno else "?"
-        msg = f"{name} is not a Python literal: {exc.msg} at {where}"
-        raise RtVarsError(msg) from None
-    except (ValueError, MemoryError, RecursionError) as exc:
-        msg = f"{name} cannot be parsed: {exc}"
-        raise RtVarsError(msg) from None
-    for node in ast.walk(tree.body):
-        if not isinstance(node, _LITERAL_NODES):
-            kind = type(node).__name__
-            where = f"line {node.lineno}, column {node.col_offset + 1}"  # type: ignore[attr-defined]
-            msg = (
-                f"{name} may hold only literals (str, int, float, bool, None, "
-                f"list, tuple, dict); found {kind} at {where}"
-            )
-            raise RtVarsError(msg)
-    try:
-        ast.literal_eval(tree.body)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
-        msg = f"{name} is not a plain literal: {exc}"
-        raise RtVarsError(msg) from None
-
-
 def _convert(data: Any, *, name: str) -> RuntimeVars:
     if not isinstance(data, dict):
         msg = (
             f"{name} must encode a dict of runtime vars, got a "
-            f"{type(data).__name__}: {_short(data)}"
+            f"{type(data).__name__}: {_short(data)}; wrap the fields in {{...}}"
         )
         raise RtVarsError(msg)
     for key in data:
-        if not isinstance(key, str):
-            msg = f"{name} has a key that is not a string: {_short(key)}"
+        if type(key) is not str:
+            msg = (
+                f"{name} has a key that is not a str: {_short(key)}; field "
+                "names are strings such as 'session'"
+            )
             raise RtVarsError(msg)
     try:
         return msgspec.convert(data, RuntimeVars, strict=True)
@@ -341,16 +577,25 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _decode_plain(text: str, *, name: str) -> tuple[dict[str, Any], RuntimeVars]:
+    data = _parse(text, name=name)
+    rtvars = _convert(data, name=name)
+    # After _convert, data is a dict with str keys; sets, bytes, complex
+    # numbers, Ellipsis and inf are literals too, but not envelope values.
+    _check_plain(data, name)
+    return data, rtvars
+
+
 def decode_rtvars(text: str, *, name: str = RT_VARS_ENV) -> RuntimeVars:
     """Decode the text of the environment variable into `RuntimeVars`.
 
+    Keys unknown to `RuntimeVars` are ignored (`read_raw_rtvars` keeps them).
     Raises `RtVarsError` for anything that is not a bounded literal dict of
     the right field types; nothing in *text* is ever executed.
     """
-    data = _parse(text, name=name)
-    rtvars = _convert(data, name=name)
+    data, rtvars = _decode_plain(text, name=name)
     if log.isEnabledFor(logging.DEBUG):
-        unknown = set(data) - set(RuntimeVars.__struct_fields__)
+        unknown = set(data) - _FIELDS
         if unknown:
             log.debug("Ignoring unknown envelope keys %s.", sorted(unknown))
     return rtvars
@@ -392,8 +637,9 @@ def get_rtvars(
 
     Another process's environment is the one it was started with
     (``/proc/<pid>/environ``), not later changes to its ``os.environ``.
-    Raises `RtVarsError` as `load_rtvars` does, and psutil's
-    ``NoSuchProcess`` / ``AccessDenied`` when the environment cannot be read.
+    Raises `RtVarsError` as `load_rtvars` does (bytes that are not UTF-8 are
+    named with their position), and psutil's ``NoSuchProcess`` /
+    ``AccessDenied`` when the environment cannot be read.
     """
     if proc is None:
         return load_rtvars(missing_ok=missing_ok, name=name)
@@ -403,13 +649,15 @@ def get_rtvars(
 def read_raw_rtvars(
     env: Mapping[str, str] | None = None, *, name: str = RT_VARS_ENV
 ) -> dict[str, Any]:
-    """The decoded envelope as a plain dict, unknown keys included."""
+    """The decoded envelope as a plain dict, unknown keys included.
+
+    An absent variable gives ``{}``; a malformed one raises `RtVarsError`.
+    """
     text = (os.environ if env is None else env).get(name)
     if text is None:
         return {}
-    data = _parse(text, name=name)
-    _convert(data, name=name)
-    return dict(data)
+    data, _ = _decode_plain(text, name=name)
+    return data
 
 
 def update_rtvars(
@@ -420,13 +668,15 @@ def update_rtvars(
 ) -> tuple[str, str]:
     """Merge *rtvars* into the current envelope, re-encode it, and store it.
 
-    The current envelope is read from the mapping being updated (or
-    `os.environ`). Fields set in *rtvars* win; when it is a `RuntimeVars`,
-    all its fields are taken. Keys unknown to this version are kept.
+    The current envelope is read from the mapping being updated (with
+    ``update_osenv=False``, from `os.environ`). Keys set in a dict *rtvars*
+    win; a `RuntimeVars` sets every field, defaults included. Keys unknown to
+    this version are kept.
 
     *update_osenv*: ``True`` writes into `os.environ` (so children started
     from now on inherit it), a dict writes into that dict, ``False`` writes
-    nowhere. Returns ``(name, value)`` either way.
+    nowhere. Returns ``(name, value)`` either way. Raises `RtVarsError` when
+    the current envelope or the result is malformed; nothing is written then.
     """
     target: MutableMapping[str, str] | None
     if update_osenv is True:
@@ -435,15 +685,14 @@ def update_rtvars(
         target = None
     else:
         target = update_osenv
-    current = read_raw_rtvars(target if target is not None else None, name=name)
+    current = read_raw_rtvars(target, name=name)
     if rtvars is None:
         changes: dict[str, Any] = {}
     elif isinstance(rtvars, RuntimeVars):
-        changes = rtvars.to_dict()
+        changes = msgspec.structs.asdict(rtvars)
     else:
         changes = dict(rtvars)
-    merged = {**current, **changes}
-    value = encode_rtvars(merged, name=name)
+    value = encode_rtvars({**current, **changes}, name=name)
     if target is not None:
         target[name] = value
     return name, value
