@@ -63,7 +63,7 @@ class ProcInfo:
 
     @property
     def zombie(self) -> bool:
-        return self.status == psutil.STATUS_ZOMBIE
+        return bool(self.status == psutil.STATUS_ZOMBIE)
 
 
 @dataclass(slots=True)
@@ -258,12 +258,12 @@ def attribute(
     # that carries *another* session's envelope is that session's, whatever
     # it holds: a port can be leased again once a session has ended.
     for pid, ways in holders.items():
-        info = table.procs.get(pid)
-        if info is None or pid in excluded:
+        holder = table.procs.get(pid)
+        if holder is None or pid in excluded:
             continue
-        if info.uid != me:
+        if holder.uid != me:
             for how in ways:
-                skip(pid, f"belongs to uid {info.uid}", how)
+                skip(pid, f"belongs to uid {holder.uid}", how)
             continue
         other = _session_of(pid, record.envelope_name)
         if other and other != record.id:

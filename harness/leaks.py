@@ -87,7 +87,7 @@ class LeakedProcess(msgspec.Struct, kw_only=True):
 
     @property
     def zombie(self) -> bool:
-        return self.status == psutil.STATUS_ZOMBIE
+        return bool(self.status == psutil.STATUS_ZOMBIE)
 
 
 class PortListener(msgspec.Struct, kw_only=True):

@@ -132,7 +132,7 @@ def _ended(proc: psutil.Process) -> bool:
     except psutil.NoSuchProcess:
         return True
     try:
-        return proc.status() == psutil.STATUS_ZOMBIE
+        return bool(proc.status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
