@@ -3,11 +3,13 @@
 A leak report is the JSON encoding of `harness.leaks.LeakReport`: the
 session's id, its bindspace and port, and three lists, ``sockets`` (socket
 files left in the bindspace), ``processes`` (processes of the session still
-alive) and ``listeners`` (listeners on the session's TCP port). This module
-reads that JSON as plain data, so a summary can be written on a machine where
-the harness that wrote the report is a different version, and turns each
-entry into one `LeakRow`. A file that is not a leak report is recognised as
-such (`is_leak_report`) and left to other readers.
+alive) and ``listeners`` (listeners on the session's TCP port).
+``harness exec --report`` writes one such object; ``harness check --report``
+writes ``{"leaked": ..., "sessions": [...]}`` with one per session checked.
+Both are read here as plain data, so a summary can be written on a machine
+where the harness that wrote the report is a different version, and each
+entry becomes one `LeakRow`. A file that is not a leak report is recognised
+as such (`is_leak_report`) and left to other readers.
 """
 
 from __future__ import annotations
@@ -39,27 +41,55 @@ class LeakRow:
 
 
 @dataclass(frozen=True)
-class LeakFile:
-    """One leak report file and its rows."""
+class SessionLeaks:
+    """What one session left behind, from one leak report."""
 
-    path: Path
     session: str = ""
     bindspace: str = ""
     port: int | None = None
-    rows: tuple[LeakRow, ...] = field(default=())
+    rows: tuple[LeakRow, ...] = ()
+
+
+@dataclass(frozen=True)
+class LeakFile:
+    """One leak report file: one or more sessions' leaks."""
+
+    path: Path
+    sessions: tuple[SessionLeaks, ...] = field(default=())
     problem: str | None = None
-    """Why the file could not be read; no rows when set."""
+    """Why the file could not be read; no sessions when set."""
+
+    @property
+    def rows(self) -> tuple[LeakRow, ...]:
+        """Every leaked thing in the file, session after session."""
+        return tuple(row for leaks in self.sessions for row in leaks.rows)
 
     def count(self, kind: str) -> int:
         """How many rows of *kind* (``socket``, ``process``, ``listener``)."""
         return sum(1 for row in self.rows if row.kind == kind)
 
 
-def is_leak_report(data: Any) -> bool:
-    """Whether decoded JSON *data* has the shape of a leak report."""
+def _is_one_report(data: Any) -> bool:
     return isinstance(data, dict) and any(
         isinstance(data.get(key), list) for key in LEAK_KEYS
     )
+
+
+def session_reports(data: Any) -> list[dict[str, Any]] | None:
+    """The per-session reports in decoded JSON *data*; None if it is no leak
+    report (neither one report nor ``{"sessions": [report, ...]}``)."""
+    if _is_one_report(data):
+        return [data]
+    if isinstance(data, dict) and isinstance(data.get("sessions"), list):
+        reports = data["sessions"]
+        if all(_is_one_report(r) for r in reports):
+            return list(reports)
+    return None
+
+
+def is_leak_report(data: Any) -> bool:
+    """Whether decoded JSON *data* has the shape of a leak report."""
+    return session_reports(data) is not None
 
 
 def _shorten(text: str, limit: int = COMMAND_LIMIT) -> str:
@@ -138,13 +168,18 @@ def read_leak_file(path: Path) -> LeakFile | None:
         return LeakFile(path=path, problem=f"cannot be read: {exc.strerror}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return LeakFile(path=path, problem=f"is not valid JSON ({exc})")
-    if not is_leak_report(data):
+    reports = session_reports(data)
+    if reports is None:
         return None
-    port = data.get("port")
-    return LeakFile(
-        path=path,
-        session=str(data.get("session") or ""),
-        bindspace=str(data.get("bindspace") or ""),
-        port=port if isinstance(port, int) else None,
-        rows=tuple(leak_rows(data)),
-    )
+    sessions = []
+    for report in reports:
+        port = report.get("port")
+        sessions.append(
+            SessionLeaks(
+                session=str(report.get("session") or ""),
+                bindspace=str(report.get("bindspace") or ""),
+                port=port if isinstance(port, int) else None,
+                rows=tuple(leak_rows(report)),
+            )
+        )
+    return LeakFile(path=path, sessions=tuple(sessions))

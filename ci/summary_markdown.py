@@ -152,16 +152,18 @@ def render_leg(
     if rows:
         out += ["", f"{heading}# Leaks ({len(rows)})", ""]
         for leak_file in leg.leaks:
-            if not leak_file.rows:
-                continue
-            where = [f"report {code(_display(leak_file.path, base))}"]
-            if leak_file.session:
-                where.append(f"session {code(leak_file.session)}")
-            if leak_file.bindspace:
-                where.append(f"bindspace {code(leak_file.bindspace)}")
-            if leak_file.port is not None:
-                where.append(f"port {leak_file.port}")
-            out += [" · ".join(where), ""]
+            for leaks in leak_file.sessions:
+                if not leaks.rows:
+                    continue
+                where = [f"report {code(_display(leak_file.path, base))}"]
+                if leaks.session:
+                    where.append(f"session {code(leaks.session)}")
+                if leaks.bindspace:
+                    where.append(f"bindspace {code(leaks.bindspace)}")
+                if leaks.port is not None:
+                    where.append(f"port {leaks.port}")
+                out += ["- " + " · ".join(where)]
+        out.append("")
         out += ["| kind | what | where | found by |", "| --- | --- | --- | --- |"]
         for _, row in rows[:ROW_LIMIT]:
             out.append(
