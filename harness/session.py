@@ -490,13 +490,10 @@ def prune_sessions(
     store = SessionStore(rt)
     actions: list[PruneAction] = []
     records = store.list()
-    known = {record.id for record in records}
-    roots = {bindspace_root(rt, folder)}
     for record in records:
         if record.closed_at is not None or owner_alive(record):
             continue
         bindspace = Path(record.bindspace)
-        roots.add(bindspace.parent)
         if bindspace.name != record.id or bindspace.parent.parent != rt:
             actions.append(
                 PruneAction(
@@ -515,18 +512,40 @@ def prune_sessions(
 
     # Bindspaces whose owner died between mkdir and writing the record.
     now = time.time()
-    for root in sorted(roots):
-        for bindspace in list_bindspaces(root):
-            if bindspace.name in known or not is_session_id(bindspace.name):
-                continue
-            try:
-                age = now - os.lstat(bindspace).st_mtime
-            except FileNotFoundError:
-                continue
-            if age < grace:
-                continue
+    for bindspace in orphan_bindspaces(rt, records, folder=folder):
+        try:
+            age = now - os.lstat(bindspace).st_mtime
+        except FileNotFoundError:
+            continue
+        if age >= grace:
             actions.append(_prune_one(bindspace.name, bindspace, None))
     return actions
+
+
+def orphan_bindspaces(
+    runtime_dir: Path,
+    records: list[SessionRecord],
+    *,
+    folder: str = DEFAULT_FOLDER,
+) -> list[Path]:
+    """Bindspaces under *runtime_dir* that no record in *records* claims.
+
+    Looks in ``<runtime_dir>/<folder>`` and in the folders of the records'
+    bindspaces; only folders named like a session id count. A very young
+    one may belong to a session that is opening right now.
+    """
+    known = {record.id for record in records}
+    roots = {bindspace_root(runtime_dir, folder)}
+    for record in records:
+        bindspace = Path(record.bindspace)
+        if bindspace.parent.parent == runtime_dir:
+            roots.add(bindspace.parent)
+    return [
+        bindspace
+        for root in sorted(roots)
+        for bindspace in list_bindspaces(root)
+        if bindspace.name not in known and is_session_id(bindspace.name)
+    ]
 
 
 def _prune_one(session_id: str, bindspace: Path, port: int | None) -> PruneAction:
