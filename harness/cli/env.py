@@ -4,15 +4,42 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from harness.rtvars import RuntimeVars
 
 HELP = "show the envelope (_TRACTOR_RT_VARS) of this or another process"
 
 DESCRIPTION = """\
 Show the envelope: the runtime vars a harness session hands to every process
-through one environment variable. Without --pid, this process's own (so
-`harness env` inside `harness exec` shows the session's). Exits with status 1
-when the process has no envelope.
+through one environment variable (_TRACTOR_RT_VARS unless --name says
+otherwise).
+
+Without --pid, the envelope of this command's own environment, so `harness env`
+run inside `harness exec` shows the session's. With --pid, the envelope the
+process was started with, read from /proc/<pid>/environ.
+
+Fields the process set are shown in full, fields left at their default are
+dimmed, and keys this version of the harness does not know (written by a newer
+one) are listed under "unknown keys": they are kept, never dropped.
+
+exit status:
+  0   the envelope was shown
+  1   the process has no envelope, does not exist, or its environment
+      cannot be read
+  85  the envelope is malformed (the message says what and where)
+"""
+
+EPILOG = """\
+examples:
+  harness env                         this shell's envelope, as a table
+  harness env --pid 4242              the envelope process 4242 started with
+  harness env --pid 4242 --json       the same, as JSON (every field, unknown keys too)
+  eval "$(harness env --pid 4242 --export)"
+                                      join this shell to process 4242's session
 """
 
 
@@ -21,16 +48,27 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "env",
         help=HELP,
         description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--pid", type=int, help="read the envelope of process PID")
+    parser.add_argument(
+        "--pid",
+        type=int,
+        metavar="PID",
+        help="read the envelope of process PID instead of this one's",
+    )
     form = parser.add_mutually_exclusive_group()
-    form.add_argument("--json", action="store_true", help="print JSON for machines")
+    form.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: every field (defaults included) and any "
+        "unknown keys; tuples become arrays",
+    )
     form.add_argument(
         "--export",
         action="store_true",
-        help="print a shell line that sets the variable "
-        '(eval "$(harness env --export)")',
+        help="print a shell line that sets the variable to the envelope, "
+        'unchanged (eval "$(harness env --export)")',
     )
     parser.add_argument(
         "--name",
@@ -45,73 +83,147 @@ def run(args: argparse.Namespace) -> int:
     import os
     import shlex
 
-    import msgspec
     import psutil
 
-    from harness.rtvars import RT_VARS_ENV, dump_rtvars, load_rtvars
+    from harness.errors import RtVarsError
+    from harness.rtvars import RT_VARS_ENV, RuntimeVars, read_raw_rtvars
 
     name = args.name or RT_VARS_ENV
-    where = "this process"
-    try:
-        if args.pid is None:
-            env: dict[str, str] | Any = None
-        else:
-            where = f"process {args.pid}"
-            env = psutil.Process(args.pid).environ()
-    except psutil.NoSuchProcess:
-        print(f"harness env: no process with pid {args.pid}", file=sys.stderr)
-        return 1
-    except psutil.AccessDenied:
-        print(
-            f"harness env: not allowed to read the environment of process "
-            f"{args.pid} (another user's process; try as that user or root)",
-            file=sys.stderr,
-        )
-        return 1
+    env: Mapping[str, str]
+    if args.pid is None:
+        where = f"this process (pid {os.getpid()})"
+        env = os.environ
+    else:
+        try:
+            proc = psutil.Process(args.pid)
+            where = _describe(proc)
+            env = proc.environ()
+        except psutil.ZombieProcess:
+            return _fail(
+                f"process {args.pid} has exited (a zombie waiting for its parent); "
+                "its environment is gone. `harness ps` lists the live processes "
+                "of each session."
+            )
+        except psutil.NoSuchProcess:
+            return _fail(
+                f"no process with pid {args.pid}. `harness ps` lists the "
+                "processes of each session."
+            )
+        except psutil.AccessDenied:
+            return _fail(
+                f"not allowed to read the environment of process {args.pid} "
+                "(another user's process); run the command as that user or root."
+            )
 
-    rtvars = load_rtvars(env, missing_ok=True, name=name)
-    present = (env if env is not None else os.environ).get(name)
-    if present is None:
-        print(
-            f"harness env: {where} has no envelope ({name} is not set); it is not "
-            "part of a harness session. Start it with `harness exec -- CMD`.",
-            file=sys.stderr,
+    raw = env.get(name)
+    if raw is None:
+        return _fail(
+            f"{where} has no envelope ({name} is not set): it is not part of a "
+            "harness session. Start it with `harness exec -- CMD`."
         )
-        return 1
+    try:
+        data = read_raw_rtvars({name: raw}, name=name)
+    except RtVarsError as exc:
+        msg = (
+            f"the envelope of {where} is malformed: {exc}. "
+            f"Whoever set it must write it with dump_rtvars(); `unset {name}` "
+            "leaves the session."
+        )
+        raise RtVarsError(msg) from None
+    known = {
+        key: value
+        for key, value in data.items()
+        if key in RuntimeVars.__struct_fields__
+    }
+    unknown = {key: value for key, value in data.items() if key not in known}
+    rtvars = RuntimeVars(**known)
 
     if args.json:
-        sys.stdout.write(
-            msgspec.json.format(msgspec.json.encode(_full(rtvars))).decode()
-        )
+        import msgspec
+
+        full = {**msgspec.structs.asdict(rtvars), **unknown}
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(full)).decode())
         sys.stdout.write("\n")
     elif args.export:
-        var, value = dump_rtvars(rtvars, name=name)
-        print(f"export {var}={shlex.quote(value)}")
+        # The text as the process has it: re-encoding would be equal for the
+        # known fields, but this way nothing can be lost or reordered.
+        print(f"export {name}={shlex.quote(raw)}")
     else:
-        _print_table(rtvars, present, where, name)
+        _print_table(
+            rtvars,
+            set_fields=set(known),
+            unknown=unknown,
+            raw=raw,
+            where=where,
+            name=name,
+        )
     return 0
 
 
-def _full(rtvars: Any) -> dict[str, Any]:
-    import msgspec
+def _fail(message: str) -> int:
+    print(f"harness env: {message}", file=sys.stderr)
+    return 1
 
-    return {f.name: getattr(rtvars, f.name) for f in msgspec.structs.fields(rtvars)}
+
+def _describe(proc: Any) -> str:
+    """``process 4242 (python -m pytest tests)``, the command cut short."""
+    import psutil
+
+    try:
+        command = " ".join(proc.cmdline()) or proc.name()
+    except psutil.Error:
+        command = ""
+    if len(command) > 60:
+        command = command[:57] + "..."
+    return f"process {proc.pid} ({command})" if command else f"process {proc.pid}"
 
 
-def _print_table(rtvars: Any, raw: str, where: str, name: str) -> None:
+def _print_table(
+    rtvars: RuntimeVars,
+    *,
+    set_fields: set[str],
+    unknown: dict[str, Any],
+    raw: str,
+    where: str,
+    name: str,
+) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    set_fields = set(rtvars.to_dict())
+    # Values are shown as Text, never as markup: an envelope is read from
+    # processes the harness does not control, and "[...]" is rich markup.
     table = Table(
-        title=f"{name} of {where}", title_justify="left", box=None, pad_edge=False
+        title=Text(f"{name} of {where}"),
+        title_justify="left",
+        box=None,
+        pad_edge=False,
     )
-    table.add_column("field", style="bold")
+    table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")
     for field in rtvars.__struct_fields__:
-        value = getattr(rtvars, field)
-        style = None if field in set_fields else "dim"
-        table.add_row(field, repr(value), style=style)
-    console = Console(soft_wrap=False)
+        style = "" if field in set_fields else "dim"
+        table.add_row(
+            Text(field, style=style), Text(repr(getattr(rtvars, field)), style=style)
+        )
+    for key, value in unknown.items():
+        table.add_row(Text(key, style="yellow"), Text(repr(value), style="yellow"))
+
+    console = Console(soft_wrap=False, highlight=False)
     console.print(table)
-    console.print(f"\n[dim]raw:[/dim] {name}={raw}", highlight=False, markup=True)
+    if unknown:
+        console.print(
+            Text(
+                f"\n{len(unknown)} unknown key(s) in yellow: written by a newer "
+                "harness; kept as they are when the envelope is updated.",
+                style="yellow",
+            )
+        )
+    console.print(Text("\nraw: ", style="dim") + Text(f"{name}={raw}"))
+    console.print(
+        Text(
+            "dimmed fields are at their default. `harness env --json` for "
+            "machines, `--export` for a shell.",
+            style="dim",
+        )
+    )
