@@ -270,9 +270,13 @@ def make_session(
     session = HandSession(record=record, env=env, owner=owner)
     if owner is not None:
         session.started.append((owner_pid, owner_create_time))
-        wait_for(
-            lambda: len(psutil.Process(owner_pid).children()) >= len(owner_children)
-        )
-        for child in psutil.Process(owner_pid).children():
-            session.track(child.pid)
+        try:
+            wait_for(
+                lambda: len(psutil.Process(owner_pid).children()) >= len(owner_children)
+            )
+            for child in psutil.Process(owner_pid).children():
+                session.track(child.pid)
+        except BaseException:
+            session.cleanup()  # the factory never saw this session
+            raise
     return session
