@@ -24,6 +24,10 @@ def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private, short runtime dir, set as ``$HARNESS_RUNTIME_DIR``."""
     path = Path(tempfile.mkdtemp(prefix="hrt-", dir="/tmp"))
     monkeypatch.setenv("HARNESS_RUNTIME_DIR", str(path))
+    # The envelope of the run's own session (the pytest plugin's, or nox's)
+    # names a session in another runtime dir: a test starts without it.
+    # tests/integration keeps it by overriding this fixture.
+    monkeypatch.delenv("_TRACTOR_RT_VARS", raising=False)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
