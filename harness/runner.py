@@ -57,7 +57,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,17 +228,12 @@ def run_command(
 
 
 def _apply_leak_mode(session: Session, options: RunOptions, status: int) -> int:
-    bindspace = session.bindspace
-    print(
-        f"harness exec: session {session.id} left {session.leak_count} socket "
-        f"file(s) in {bindspace}; they are kept for inspection. Next: "
-        f"`harness sessions`, then remove them once their processes are gone.",
-        file=sys.stderr,
-    )
+    # Session.close has logged what it kept and where; only the verdict is left.
     if options.leaks == "reap":
         log.warning(
             "Leak mode 'reap' needs the leak check (harness.leaks) wired into "
-            "default_hooks; nothing was reaped."
+            "default_hooks; nothing was reaped in session %s.",
+            session.id,
         )
     if options.leaks == "fail" and status == 0:
         return exit_codes.LEAKED

@@ -422,8 +422,8 @@ class Session:
                     leak_count=count,
                 )
                 log.warning(
-                    "Session %s leaked %d item(s); kept its bindspace %s and "
-                    "record for `harness check %s`.",
+                    "Session %s left %d leak(s); its bindspace %s and its "
+                    "record are kept. Next: `harness check %s`.",
                     self.id,
                     count,
                     bindspace,

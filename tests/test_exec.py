@@ -144,7 +144,7 @@ def test_leftover_socket_and_leak_mode(
 ) -> None:
     done = harness(python, "exec", "--leaks", mode, "--", python, "-c", LEAVE_SOCKET)
     assert done.returncode == status
-    assert "left 1 socket file(s)" in done.stderr
+    assert "left 1 leak(s)" in done.stderr
     (record,) = SessionStore(runtime_dir).list()
     assert record.leak_count == 1
     assert record.exit_status == 0

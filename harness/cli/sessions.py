@@ -158,8 +158,6 @@ def _console() -> Any:
 
 
 def _print_table(rows: list[dict[str, Any]], rt: Path) -> None:
-    import shlex
-
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False, header_style="bold")
@@ -178,7 +176,7 @@ def _print_table(rows: list[dict[str, Any]], rt: Path) -> None:
             str(row["port"] or "-"),
             row["bindspace"],
             _age(row["age"]),
-            shlex.join(row["command"]) if row["command"] else "-",
+            _command(row["command"]),
         )
     console = _console()
     console.print(f"Sessions in {rt}:")
@@ -191,6 +189,13 @@ def _print_table(rows: list[dict[str, Any]], rt: Path) -> None:
         )
     elif "leaked" in states:
         console.print("\nNext: `harness check ID` shows what a leaked session left.")
+
+
+def _command(argv: list[str]) -> str:
+    import shlex
+
+    # One line per session: newlines inside arguments are shown as spaces.
+    return " ".join(shlex.join(argv).split()) if argv else "-"
 
 
 def _print_prune(actions: list[PruneAction], rt: Path) -> None:
