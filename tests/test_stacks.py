@@ -366,10 +366,11 @@ def test_envelope_signal_is_used_and_reported(tmp_path: Path) -> None:
         """
         import sys, time
         from harness.faulthandler_hook import enable
-        print(enable(), flush=True)
-        def block_here_usr1_xyz():
+        def block_here_winch_xyz():
+            # Ready only once inside: a capture before would miss the frame.
+            print(enable(), flush=True)
             time.sleep(60)
-        block_here_usr1_xyz()
+        block_here_winch_xyz()
         """
     )
     env = {
@@ -385,7 +386,7 @@ def test_envelope_signal_is_used_and_reported(tmp_path: Path) -> None:
         assert path == str(bindspace / "stacks" / f"{proc.pid}.txt")
         stacks = capture_process((proc.pid, "descendant"), py_spy=None)
         assert stacks.method == "faulthandler", stacks.error
-        assert "block_here_usr1_xyz" in _functions(stacks)
+        assert "block_here_winch_xyz" in _functions(stacks)
     finally:
         proc.kill()
         proc.wait()
