@@ -40,7 +40,6 @@ import errno
 import fcntl
 import functools
 import ipaddress
-import json
 import logging
 import os
 import random
@@ -50,7 +49,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,17 +97,18 @@ FALLBACK_RANGE: Final = (20000, 29999)
 LOWEST_PORT: Final = 1024
 HIGHEST_PORT: Final = 65535
 
-#: Every user of the host may open, and so lock, a lock file whoever created
-#: it. Set with fchmod after creating, past the umask.
-LOCK_FILE_MODE: Final = 0o666
+#: flock needs only a descriptor open for reading, so a lock file readable by
+#: all can be locked by all; nobody ever writes to one. Set with fchmod after
+#: creating it, whatever the umask.
+LOCK_FILE_MODE: Final = 0o644
 LEASE_DIR_MODE: Final = 0o1777
 
 _OPEN_FLAGS: Final = (
-    os.O_RDWR
+    os.O_RDONLY
     | os.O_CLOEXEC
     | os.O_NOCTTY
-    # A symlink planted in the shared dir must not redirect our note (and, as
-    # root, a truncate) onto some other file.
+    # A symlink planted in the shared dir must not make us lock, or create,
+    # some other file.
     | os.O_NOFOLLOW
     # A FIFO planted under a lock file's name must not block the open.
     | os.O_NONBLOCK
@@ -117,10 +116,18 @@ _OPEN_FLAGS: Final = (
 
 #: Errors of the lease dir as a whole: no other port would fare better.
 _DIR_ERRNOS: Final = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
-#: flock is not available on the lease dir's file system (some NFS and FUSE
-#: mounts). A lock file without flock cannot free itself when its owner dies.
+#: flock is not available on the lease dir's file system (some FUSE mounts;
+#: NFS emulates it with write locks, which a read-only descriptor cannot take:
+#: EBADF). A lease dir belongs on a local disk or tmpfs.
 _NO_FLOCK_ERRNOS: Final = frozenset(
-    {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+    {
+        errno.ENOLCK,
+        errno.ENOSYS,
+        errno.EOPNOTSUPP,
+        errno.ENOTSUP,
+        errno.EINVAL,
+        errno.EBADF,
+    }
 )
 
 
@@ -142,20 +149,15 @@ _TABLE = _LeaseTable()
 
 @dataclass(frozen=True, slots=True)
 class PortHolder:
-    """Who holds a lease, as its owner wrote it into the lock file.
-
-    Diagnostics only: the lock is the truth, this is a note beside it.
-    """
+    """The process holding a lease, as the kernel's lock table reports it."""
 
     port: int
     pid: int | None
+    """None when the kernel's table cannot be read (not Linux) or does not
+    show the holder (another pid namespace)."""
     uid: int | None
-    leased_at: float | None
-    """`time.time` when the lease was taken."""
     create_time: float | None
-    """The owner process's start time, to tell a recycled pid apart."""
-    host: str | None
-    """The address the port was probed on."""
+    """The holder's start time (`psutil`), to tell a recycled pid apart."""
     path: Path
 
 
@@ -548,34 +550,11 @@ def _bind_problem(host: str, port: int) -> str | None:
 # --- leasing ----------------------------------------------------------------
 
 
-@functools.cache
-def _own_create_time(pid: int) -> float | None:
-    # Keyed by pid so that a forked child computes its own.
-    try:
-        import psutil
-
-        return float(psutil.Process(pid).create_time())
-    except Exception:  # diagnostics only: never let them cost a lease
-        return None
-
-
-def _holder_note(host: str) -> bytes:
-    pid = os.getpid()
-    note = {
-        "pid": pid,
-        "uid": os.geteuid(),
-        "leased_at": time.time(),
-        "create_time": _own_create_time(pid),
-        "host": host,
-    }
-    return json.dumps(note).encode() + b"\n"
-
-
 class _NoFlock(Exception):
     """The lease dir's file system refuses flock."""
 
 
-def _try_lock(path: Path, dir_uid: int, host: str) -> int | str | None:
+def _try_lock(path: Path, dir_uid: int) -> int | str | None:
     """Open and lock *path*: the descriptor, None if held, or why it is unusable.
 
     Raises `_NoFlock` when flock itself is unsupported and `OSError` for
@@ -595,13 +574,13 @@ def _try_lock(path: Path, dir_uid: int, host: str) -> int | str | None:
     keep = False
     try:
         st = os.fstat(fd)
-        if created:
-            os.fchmod(fd, LOCK_FILE_MODE)
+        if created and stat.S_IMODE(st.st_mode) != LOCK_FILE_MODE:
+            os.fchmod(fd, LOCK_FILE_MODE)  # a umask other than 022 narrowed it
         if not stat.S_ISREG(st.st_mode):
             return "not a regular file"
         if st.st_nlink != 1:
-            # A second name for the file: writing our note would write to
-            # whatever else it is, or two ports would share one lock.
+            # A second name for the file: two ports could share one lock, or
+            # the name stands for a file that is not ours to lock.
             return f"{st.st_nlink} hard links"
         if st.st_uid not in (os.geteuid(), dir_uid):
             return f"owned by uid {st.st_uid}, who could replace it during a lease"
@@ -620,9 +599,6 @@ def _try_lock(path: Path, dir_uid: int, host: str) -> int | str | None:
             return None
         if not os.path.samestat(current, st):
             return None
-        note = _holder_note(host)
-        os.pwrite(fd, note, 0)
-        os.ftruncate(fd, len(note))
         keep = True
         return fd
     finally:
@@ -688,7 +664,7 @@ def lease_port(
         # process can be granted the port, so a probe that passes stays true
         # for everyone but programs outside the harness.
         try:
-            outcome = _try_lock(path, dir_uid, host)
+            outcome = _try_lock(path, dir_uid)
         except _NoFlock as exc:
             msg = (
                 f"the file system of the lease dir {str(directory)!r} does not "
@@ -778,37 +754,55 @@ def _lock_file_held(path: Path) -> bool:
 
 
 def port_holder(port: int, *, lease_dir: Path | None = None) -> PortHolder | None:
-    """Who holds the lease on *port*, or None if nobody does.
+    """The process holding the lease on *port*, or None if nobody holds it.
 
-    The pid, uid and times come from the note the holder wrote into the lock
-    file right after locking it; fields are None when the note is missing or
-    unreadable (a holder caught between locking and writing, say).
+    Diagnostics: the holder's pid comes from the kernel's table of locks
+    (``/proc/locks``, Linux), so it is never stale; uid and start time come
+    from the process. Where the table is unavailable the fields are None.
     """
     directory = _given_or_default_dir(lease_dir)
     path = directory / f"{port}.lock"
     if not _lock_file_held(path):
         return None
-    note: dict[str, object] = {}
-    with contextlib.suppress(OSError, ValueError):
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    pid = uid = create_time = None
+    with contextlib.suppress(OSError):
+        pid = _flock_owner(os.lstat(path))
+    if pid is not None:
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            uid = proc.uids().real
+            create_time = proc.create_time()
+    return PortHolder(port=port, pid=pid, uid=uid, create_time=create_time, path=path)
+
+
+def _flock_owner(st: os.stat_result) -> int | None:
+    """The pid holding an exclusive flock on the file *st*, from /proc/locks.
+
+    Lines read ``1: FLOCK  ADVISORY  WRITE <pid> <maj>:<min>:<inode> 0 EOF``
+    (major and minor in hex); waiters carry a ``->`` and are skipped. Some
+    file systems (btrfs) report a device in stat that differs from the
+    table's, so a unique match on the inode alone is accepted too.
+    """
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    by_inode: list[int] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK" or fields[3] != "WRITE":
+            continue
+        where = fields[5].rsplit(":", 1)
+        if len(where) != 2 or where[1] != str(st.st_ino):
+            continue
         try:
-            loaded = json.loads(os.read(fd, 4096) or b"{}")
-        finally:
-            os.close(fd)
-        if isinstance(loaded, dict):
-            note = loaded
-
-    def number(key: str) -> float | None:
-        value = note.get(key)
-        return float(value) if isinstance(value, int | float) else None
-
-    pid, uid = number("pid"), number("uid")
-    return PortHolder(
-        port=port,
-        pid=None if pid is None else int(pid),
-        uid=None if uid is None else int(uid),
-        leased_at=number("leased_at"),
-        create_time=number("create_time"),
-        host=host if isinstance(host := note.get("host"), str) else None,
-        path=path,
-    )
+            pid = int(fields[4])
+        except ValueError:
+            continue
+        if where[0] == device:
+            return pid if pid > 0 else None
+        by_inode.append(pid)
+    return by_inode[0] if len(by_inode) == 1 and by_inode[0] > 0 else None
