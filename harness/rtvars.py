@@ -122,12 +122,22 @@ class RuntimeVars(msgspec.Struct, kw_only=True, omit_defaults=True):
     def to_dict(self) -> dict[str, Any]:
         """The envelope as a plain dict of builtins, tuples kept.
 
-        Fields at their default value are left out, as in the encoded text.
+        Fields equal to their default value are left out, as in the encoded
+        text.
         """
-        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+        # msgspec's omit_defaults compares a tuple default by identity, so an
+        # equal but new (None, None) would stay: compare by value here.
+        plain: dict[str, Any] = msgspec.to_builtins(self)
+        return {key: value for key, value in plain.items() if value != _DEFAULTS[key]}
 
 
 _FIELDS: Final = frozenset(RuntimeVars.__struct_fields__)
+_DEFAULTS: Final = {
+    field.name: field.default_factory()
+    if field.default is msgspec.NODEFAULT
+    else field.default
+    for field in msgspec.structs.fields(RuntimeVars)
+}
 
 
 # ---------------------------------------------------------------- encoding
@@ -300,13 +310,15 @@ _REPR_TEXT: Final = re.compile(
     rf"|(?:{_STRING}|{_NUMBER}|True|False|None|[\])}}])(?=[,:\])}}]|\Z)))*+"
 )
 
-# Used on the rare text outside `_REPR_TEXT`. Every pattern is linear: an
-# opening quote always matches up to its closing quote, the end of its line
-# or the end of the text, so the scanner never restarts inside a string.
+# Used on the rare text outside `_REPR_TEXT`. Strings and comments, matched so
+# that the scan is linear: an opening quote always matches up to its closing
+# quote, the end of its line or the end of the text, so the scanner never
+# restarts inside a string.
 _STRING_ANYWHERE: Final = re.compile(
     r"""'''[\s\S]*?(?:'''|\Z)|\"\"\"[\s\S]*?(?:\"\"\"|\Z)"""
     r"""|'(?:[^'\\\n]|\\[\s\S])*+(?:'|(?=\n)|\Z)"""
     r"""|"(?:[^"\\\n]|\\[\s\S])*+(?:"|(?=\n)|\Z)"""
+    r"|\#[^\n]*"
 )
 _NUMBER_OR_WORD: Final = re.compile(
     r"0[xXoObB][0-9a-fA-F_]*"
