@@ -87,6 +87,9 @@ SI_KERNEL: Final = 0x80
 #: a safety net, exits are noticed through SIGCHLD at once.
 POLL_INTERVAL: Final = 1.0
 
+#: Seconds between SIGTERM and SIGKILL when the runner has to end the command.
+STOP_GRACE: Final = 5.0
+
 #: Shell statuses for a command that cannot be run.
 NOT_FOUND: Final = 127
 NOT_EXECUTABLE: Final = 126
@@ -284,6 +287,32 @@ def _same_group(pid: int) -> bool:
         return True
 
 
+def _stop_child(proc: subprocess.Popen[bytes]) -> None:
+    """End the command because the runner itself failed (a hook raised).
+
+    SIGTERM first, SIGKILL after `STOP_GRACE` seconds; both are logged, so
+    an escalation is never silent.
+    """
+    if proc.poll() is not None:
+        return
+    log.warning(
+        "The runner failed while the command (pid %d) ran; terminating it.",
+        proc.pid,
+    )
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        log.warning(
+            "The command (pid %d) ignored SIGTERM for %.0f s; killing it.",
+            proc.pid,
+            STOP_GRACE,
+        )
+        proc.kill()
+        proc.wait()
+
+
 def _run_child_sigwait(argv: list[str], session: Session, hooks: RunHooks) -> int:
     from harness.subreaper import reap_adopted
 
@@ -320,6 +349,9 @@ def _run_child_sigwait(argv: list[str], session: Session, hooks: RunHooks) -> in
             # The command is gone: what is still pending is for nobody.
             while signal.sigtimedwait(waited, 0) is not None:
                 pass
+        except BaseException:
+            _stop_child(proc)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     finally:
@@ -349,18 +381,22 @@ def _run_child_handlers(argv: list[str], session: Session, hooks: RunHooks) -> i
         holder.append(proc)
         for signum in early:
             _forward(proc, signum, from_kernel=False)
-        stop = hooks.watch(proc, session) if hooks.watch is not None else None
         try:
-            exclude = {proc.pid}
-            while True:
-                try:
-                    proc.wait(timeout=0.2)
-                    break
-                except subprocess.TimeoutExpired:
-                    reap_adopted(exclude)
-        finally:
-            if stop is not None:
-                stop()
+            stop = hooks.watch(proc, session) if hooks.watch is not None else None
+            try:
+                exclude = {proc.pid}
+                while True:
+                    try:
+                        proc.wait(timeout=0.2)
+                        break
+                    except subprocess.TimeoutExpired:
+                        reap_adopted(exclude)
+            finally:
+                if stop is not None:
+                    stop()
+        except BaseException:
+            _stop_child(proc)
+            raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

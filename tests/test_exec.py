@@ -275,3 +275,125 @@ def test_double_fork_orphan_is_adopted_and_reaped(python: str) -> None:
     seen = json.loads(done.stdout)
     assert seen["adopter"] == seen["exec"]
     assert seen["state"] == "reaped"
+
+
+# ---------------------------------------------------------------- seams
+
+SEAMS = textwrap.dedent(
+    """
+    import json, os, sys
+    from dataclasses import dataclass
+    from harness.runner import RunHooks, RunOptions, run_command
+
+    @dataclass
+    class Report:
+        leak_count: int
+
+    seen = {}
+
+    def wrapper(argv, session):
+        seen["wrapped_in"] = session.id
+        return ["env", "WRAPPED=1", *argv]
+
+    def watch(proc, session):
+        seen["watched_pid"] = proc.pid
+        return lambda: seen.setdefault("stopped", proc.poll())
+
+    def after_exit(session, status):
+        seen["status_in"] = status
+        seen["record_open"] = session.store.read(session.id).closed_at is None
+        session.leaks = Report(leak_count=2)
+        return 0
+
+    hooks = RunHooks(command_wrapper=wrapper, watch=watch, after_exit=after_exit)
+    status = run_command(
+        ["sh", "-c", 'test "$WRAPPED" = 1 && exit 3'],
+        RunOptions(name="seams"),
+        hooks,
+    )
+    seen["final"] = status
+    print(json.dumps(seen))
+    """
+)
+
+
+def test_seams_are_called_in_order(python: str, runtime_dir: Path) -> None:
+    # In a child: run_command makes its process a subreaper, never pytest's.
+    done = subprocess.run(
+        [python, "-c", SEAMS], capture_output=True, text=True, check=True, timeout=60
+    )
+    seen = json.loads(done.stdout)
+    assert seen["wrapped_in"].startswith("seams-")
+    assert seen["watched_pid"] > 0
+    assert seen["stopped"] == 3
+    assert seen["status_in"] == 3
+    assert seen["record_open"] is True
+    assert seen["final"] == 0
+    (record,) = SessionStore(runtime_dir).list()
+    assert record.id == seen["wrapped_in"]
+    assert record.leak_count == 2
+
+
+FAILING_WATCH = textwrap.dedent(
+    """
+    import json, os
+    from harness.runner import RunHooks, run_command
+
+    pids = []
+
+    def watch(proc, session):
+        pids.append(proc.pid)
+        raise RuntimeError("watchdog broke")
+
+    try:
+        run_command(["sleep", "60"], hooks=RunHooks(watch=watch))
+    except RuntimeError:
+        pass
+    alive = os.path.exists(f"/proc/{pids[0]}")
+    print(json.dumps({"alive": alive}))
+    """
+)
+
+
+@linux_only
+def test_a_failing_hook_ends_the_command(python: str, runtime_dir: Path) -> None:
+    done = subprocess.run(
+        [python, "-c", FAILING_WATCH],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert json.loads(done.stdout) == {"alive": False}
+    assert "terminating it" in done.stderr
+    assert SessionStore(runtime_dir).list() == []
+
+
+def test_nested_exec_sees_the_host_runtime_dir(python: str, runtime_dir: Path) -> None:
+    inner = (
+        "import json, os\n"
+        "print(json.dumps([os.environ['XDG_RUNTIME_DIR'], "
+        f"os.environ[{RT_VARS_ENV!r}]]))"
+    )
+    done = harness(
+        python,
+        "exec",
+        "--name",
+        "outer",
+        "--",
+        python,
+        "-m",
+        "harness",
+        "exec",
+        "--name",
+        "inner",
+        "--",
+        python,
+        "-c",
+        inner,
+    )
+    assert done.returncode == 0, done.stderr
+    xdg, envelope = json.loads(done.stdout)
+    rtvars = decode_rtvars(envelope)
+    assert rtvars.session.startswith("inner-")
+    assert Path(xdg).parent == runtime_dir / "tractor"
