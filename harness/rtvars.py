@@ -489,8 +489,9 @@ def _parse(text: str, *, name: str) -> Any:
             return ast.literal_eval(text)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             pass
-    else:
-        _check_structure(text, name=name)
+    # Here on the rare text that is not shaped like repr() output, or did not
+    # parse: bound it, and name the first problem found, before parsing again.
+    _check_structure(text, name=name)
     try:
         with warnings.catch_warnings():
             # An invalid escape such as '\q' is only a warning to Python;
