@@ -24,12 +24,17 @@ forwarded only to a command in another process group. The owner itself never
 dies of these signals: it waits for the command, like a shell for a
 foreground job.
 
-Seams. Other parts of the harness plug into a run through `RunHooks`, three
+Seams. Other parts of the harness plug into a run through `RunHooks`, four
 optional callables, wired in one place, `default_hooks`:
 
 ``command_wrapper(argv, session) -> argv``
     Called once, before the command starts; returns the argv to run
     instead (namespace isolation wraps the command in ``unshare ...``).
+``spawn_options(session) -> dict``
+    Called once, before the command starts; extra keyword arguments for
+    `subprocess.Popen` (``stdout=subprocess.PIPE`` for a silence watchdog
+    that reads the command's output, ``pass_fds=``, ...). ``env`` and
+    ``args`` are the runner's and cannot be set here.
 ``watch(proc, session) -> stop | None``
     Called once, right after the command started, in the owner's main
     thread; it must return at once (start a thread or a timer for a hang
@@ -129,6 +134,7 @@ class RunOptions:
 
 
 Wrapper = Callable[[list[str], "Session"], list[str]]
+SpawnOptions = Callable[["Session"], Mapping[str, Any]]
 Watcher = Callable[["subprocess.Popen[bytes]", "Session"], Callable[[], None] | None]
 AfterExit = Callable[["Session", int], int]
 
@@ -138,6 +144,7 @@ class RunHooks:
     """The seams of a run; see the module docstring for each one's contract."""
 
     command_wrapper: Wrapper | None = None
+    spawn_options: SpawnOptions | None = None
     watch: Watcher | None = None
     after_exit: AfterExit | None = None
 
@@ -259,9 +266,16 @@ def _run_child(argv: list[str], session: Session, hooks: RunHooks) -> int:
     return _run_child_handlers(argv, session, hooks)
 
 
-def _spawn(argv: list[str], session: Session) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: list[str], session: Session, hooks: RunHooks
+) -> subprocess.Popen[bytes]:
+    extra = dict(hooks.spawn_options(session)) if hooks.spawn_options else {}
+    for reserved in ("args", "env"):
+        if reserved in extra:
+            msg = f"spawn_options may not set {reserved!r}; the runner owns it"
+            raise HarnessError(msg)
     try:
-        return subprocess.Popen(argv, env=session.env())
+        return subprocess.Popen(argv, env=session.env(), **extra)
     except FileNotFoundError:
         msg = f"command not found: {argv[0]!r}"
         raise CommandNotRunnable(msg, NOT_FOUND) from None
@@ -326,7 +340,7 @@ def _run_child_sigwait(argv: list[str], session: Session, hooks: RunHooks) -> in
     waited = {*FORWARDED, signal.SIGCHLD}
     previous = {sig: signal.signal(sig, note) for sig in FORWARDED}
     try:
-        proc = _spawn(argv, session)
+        proc = _spawn(argv, session, hooks)
         # Block only after the spawn: a blocked mask would be inherited by
         # the command, which then could not be interrupted at all.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
@@ -377,7 +391,7 @@ def _run_child_handlers(argv: list[str], session: Session, hooks: RunHooks) -> i
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
-        proc = _spawn(argv, session)
+        proc = _spawn(argv, session, hooks)
         holder.append(proc)
         for signum in early:
             _forward(proc, signum, from_kernel=False)

@@ -281,7 +281,7 @@ def test_double_fork_orphan_is_adopted_and_reaped(python: str) -> None:
 
 SEAMS = textwrap.dedent(
     """
-    import json, os, sys
+    import json, os, subprocess, sys
     from dataclasses import dataclass
     from harness.runner import RunHooks, RunOptions, run_command
 
@@ -305,9 +305,17 @@ SEAMS = textwrap.dedent(
         session.leaks = Report(leak_count=2)
         return 0
 
-    hooks = RunHooks(command_wrapper=wrapper, watch=watch, after_exit=after_exit)
+    def spawn_options(session):
+        return {"stdout": subprocess.DEVNULL}
+
+    hooks = RunHooks(
+        command_wrapper=wrapper,
+        spawn_options=spawn_options,
+        watch=watch,
+        after_exit=after_exit,
+    )
     status = run_command(
-        ["sh", "-c", 'test "$WRAPPED" = 1 && exit 3'],
+        ["sh", "-c", 'echo quiet; test "$WRAPPED" = 1 && exit 3'],
         RunOptions(name="seams"),
         hooks,
     )
