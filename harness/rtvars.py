@@ -349,6 +349,15 @@ def _where(text: str, offset: int) -> str:
     return f"line {line:,}, column {column:,}"
 
 
+def _line_column(line: int | None, column: int | None) -> str:
+    """The same wording as `_where`, from a line and a 1-based column."""
+    if not line or not column:
+        return "an unknown place"
+    if line == 1:
+        return f"character {column:,}"
+    return f"line {line:,}, column {column:,}"
+
+
 def _excerpt(text: str, offset: int, width: int = 24) -> str:
     return repr(
         text[offset : offset + width] + ("..." if offset + width < len(text) else "")
@@ -519,11 +528,7 @@ def _explain(text: str, *, name: str) -> None:
             warnings.simplefilter("error")
             tree = ast.parse(text, mode="eval")
     except SyntaxError as exc:
-        where = (
-            f"line {exc.lineno}, column {exc.offset}"
-            if exc.lineno
-            else "an unknown place"
-        )
+        where = _line_column(exc.lineno, exc.offset)
         msg = (
             f"{name} is not a Python literal: {exc.msg} at {where}; "
             "it may be truncated or hand-edited. Write it with dump_rtvars()"
@@ -535,7 +540,7 @@ def _explain(text: str, *, name: str) -> None:
     for node in ast.walk(tree.body):
         if not isinstance(node, _LITERAL_NODES):
             kind = type(node).__name__
-            where = f"line {node.lineno}, column {node.col_offset + 1}"  # type: ignore[attr-defined]
+            where = _line_column(node.lineno, node.col_offset + 1)  # type: ignore[attr-defined]
             msg = f"{name} holds a {kind} expression at {where}; {_LITERALS_ONLY}"
             raise RtVarsError(msg)
     msg = (

@@ -126,8 +126,7 @@ def run(args: argparse.Namespace) -> int:
     except RtVarsError as exc:
         msg = (
             f"the envelope of {where} is malformed: {exc}. "
-            f"Whoever set it must write it with dump_rtvars(); `unset {name}` "
-            "leaves the session."
+            f"`unset {name}` leaves the session."
         )
         raise RtVarsError(msg) from None
     known = {
@@ -193,12 +192,7 @@ def _print_table(
 
     # Values are shown as Text, never as markup: an envelope is read from
     # processes the harness does not control, and "[...]" is rich markup.
-    table = Table(
-        title=Text(f"{name} of {where}"),
-        title_justify="left",
-        box=None,
-        pad_edge=False,
-    )
+    table = Table(box=None, pad_edge=False)
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")
     for field in rtvars.__struct_fields__:
@@ -210,6 +204,7 @@ def _print_table(
         table.add_row(Text(key, style="yellow"), Text(repr(value), style="yellow"))
 
     console = Console(soft_wrap=False, highlight=False)
+    console.print(Text(f"{name} of {where}", style="bold"), soft_wrap=True)
     console.print(table)
     if unknown:
         console.print(
