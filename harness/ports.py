@@ -603,9 +603,14 @@ def _try_lock(path: Path, dir_uid: int) -> int | str | None:
         return fd
     finally:
         if not keep:
-            with _TABLE.lock:
-                _TABLE.fds.discard(fd)
-            os.close(fd)  # drops the lock too, if we took it
+            _close_lock_fd(fd)
+
+
+def _close_lock_fd(fd: int) -> None:
+    """Close a lock descriptor that is no lease (closing drops its lock)."""
+    with _TABLE.lock:
+        _TABLE.fds.discard(fd)
+    os.close(fd)
 
 
 def lease_port(
@@ -663,6 +668,7 @@ def lease_port(
         # Lock first, then probe: while we hold the lock no other harness
         # process can be granted the port, so a probe that passes stays true
         # for everyone but programs outside the harness.
+        planted_link = False
         try:
             outcome = _try_lock(path, dir_uid)
         except _NoFlock as exc:
@@ -673,6 +679,13 @@ def lease_port(
             )
             raise HarnessError(msg) from None
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                msg = (
+                    f"cannot open a lock file for port {port}: {exc.strerror}. "
+                    f"Each held lease keeps one file descriptor open; release "
+                    f"leases you no longer need or raise the limit (ulimit -n)"
+                )
+                raise HarnessError(msg) from None
             if exc.errno in _DIR_ERRNOS:
                 msg = (
                     f"cannot create lock files in the lease dir "
@@ -681,6 +694,7 @@ def lease_port(
                 )
                 raise HarnessError(msg) from None
             outcome = exc.strerror or str(exc)
+            planted_link = exc.errno == errno.ELOOP
         if outcome is None:
             skipped["leased"] += 1
             continue
@@ -689,15 +703,19 @@ def lease_port(
             # folder, a hard link: not a lock file to trust, not a port to use.
             skipped["unusable"] += 1
             first_unusable = first_unusable or f"{str(path)!r}: {outcome}"
-            level = logging.WARNING if "symbolic link" in outcome else logging.DEBUG
+            # A symlink in a sticky shared dir was put there by someone on
+            # purpose: worth a word to the user.
+            level = logging.WARNING if planted_link else logging.DEBUG
             log.log(level, "Skipping port %d: %s: %s.", port, path, outcome)
             continue
 
-        problem = _bind_problem(host, port)
+        try:
+            problem = _bind_problem(host, port)
+        except BaseException:
+            _close_lock_fd(outcome)
+            raise
         if problem is not None:
-            with _TABLE.lock:
-                _TABLE.fds.discard(outcome)
-            os.close(outcome)
+            _close_lock_fd(outcome)
             skipped["in use"] += 1
             log.debug("Skipping port %d: %s.", port, problem)
             continue
@@ -706,14 +724,14 @@ def lease_port(
         return PortLease(port, path, host, outcome)
 
     msg = (
-        f"no free port in {low}-{high} ({origin}) for {host}: of {count} "
-        f"ports, {skipped['leased']} are leased by live sessions, "
-        f"{skipped['in use']} are in use by other sockets, "
-        f"{skipped['unusable']} have unusable lock files in {str(directory)!r}"
+        f"no free port in {low}-{high} ({origin}) for {host}. Of {count} "
+        f"ports: {skipped['leased']} leased by live sessions, "
+        f"{skipped['in use']} in use by other sockets, "
+        f"{skipped['unusable']} with unusable lock files in {str(directory)!r}"
         + (f" (first: {first_unusable})" if first_unusable else "")
-        + f" and {skipped['reserved']} are reserved by the kernel. End sessions "
-        f"you no longer need, or widen the range with ${PORT_RANGE_ENV}=LO-HI "
-        f"or port_range="
+        + f", {skipped['reserved']} reserved by the kernel. End sessions you "
+        f"no longer need, or widen the range with ${PORT_RANGE_ENV}=LO-HI or "
+        f"port_range="
     )
     raise HarnessError(msg)
 
@@ -735,7 +753,7 @@ def port_is_leased(port: int, *, lease_dir: Path | None = None) -> bool:
 
 def _lock_file_held(path: Path) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     except OSError as exc:

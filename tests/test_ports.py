@@ -194,7 +194,7 @@ def test_full_range_names_the_range(leases: Path) -> None:
     message = str(info.value)
     assert f"no free port in {port}-{port}" in message
     assert "port_range argument" in message
-    assert "1 are leased by live sessions" in message
+    assert "1 leased by live sessions" in message
     assert PORT_RANGE_ENV in message
 
 
@@ -261,7 +261,7 @@ def test_sigkilled_holder_frees_its_port(python: str, leases: Path) -> None:
         holder = port_holder(port, lease_dir=leases)
         assert holder is not None
         assert holder.pid == proc.pid
-        with pytest.raises(HarnessError, match="1 are leased"):
+        with pytest.raises(HarnessError, match="1 leased by live sessions"):
             lease_port(port_range=(port, port), lease_dir=leases)
     finally:
         _kill(proc)
@@ -323,7 +323,7 @@ def test_port_with_a_foreign_socket_is_skipped(
         sock.bind(("127.0.0.1", port))
         if listen:
             sock.listen()
-        with pytest.raises(HarnessError, match="1 are in use by other sockets"):
+        with pytest.raises(HarnessError, match="1 in use by other sockets"):
             lease_port(port_range=(port, port), lease_dir=leases)
         assert not port_is_leased(port, lease_dir=leases)
     finally:
@@ -337,7 +337,7 @@ def test_port_listened_on_another_local_address_is_skipped(leases: Path) -> None
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.2", port))
         sock.listen()
-        with pytest.raises(HarnessError, match="1 are in use"):
+        with pytest.raises(HarnessError, match="1 in use by other sockets"):
             lease_port(port_range=(port, port), lease_dir=leases)
 
 
@@ -360,7 +360,7 @@ def _unusable(leases: Path, port: int) -> str:
     with pytest.raises(HarnessError) as info:
         lease_port(port_range=(port, port), lease_dir=leases)
     message = str(info.value)
-    assert "1 have unusable lock files" in message
+    assert "1 with unusable lock files" in message
     return message
 
 
@@ -637,7 +637,7 @@ def test_another_user_cannot_lease_a_held_port(shared_leases: Path) -> None:
             port=first,
             d=shared_leases,
         )
-    assert "1 are leased by live sessions" in result[0]
+    assert "1 leased by live sessions" in result[0]
     assert result[1] is True
 
 
