@@ -30,6 +30,8 @@ log = logging.getLogger("harness.ci.leg_reports")
 LEG_FILE: Final = "leg.json"
 #: nox's own ``--report`` of the leg, kept beside it.
 NOX_REPORT_FILE: Final = "nox-report.json"
+#: nox's output during the leg, for a summary of a leg that wrote no report.
+NOX_LOG_FILE: Final = "nox.log"
 
 #: A report this many seconds older than the leg's start still counts: file
 #: systems round modification times (1 s on some macOS volumes, 2 s on FAT).

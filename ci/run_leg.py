@@ -6,7 +6,8 @@
 Exits with nox's own status, so the CI step fails exactly when nox does. The
 leg's folder ``<reports-dir>/<session>/`` gets ``leg.json`` (the command,
 its exit status, the start time and the duration) and ``nox-report.json``
-(nox's ``--report``), beside the JUnit XML and leak report the session
+(nox's ``--report``) and ``nox.log`` (its output, also
+shown live), beside the JUnit XML and leak report the session
 writes there itself; ``ci/step_summary.py`` reads them all back.
 ``leg.json`` is written before nox starts as well, so a leg that the runner
 kills half-way still reads as "did not finish" rather than as missing.
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from pathlib import Path
 from types import FrameType
 
 from cli_support import fail, project_root, reports_dir
-from leg_reports import LEG_FILE, NOX_REPORT_FILE, LegRecord, this_os
+from leg_reports import LEG_FILE, NOX_LOG_FILE, NOX_REPORT_FILE, LegRecord, this_os
 from nox_listing import nox_command
 
 from harness.errors import HarnessError
@@ -67,6 +69,29 @@ def _nox_outcome(path: Path, session: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+def tee(fd: int, path: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Copy everything from *fd* to stdout and to the file *path*.
+
+    Stops at end of file, or soon after *proc* exits: a process it left
+    behind may hold the pipe open for a long time, and the leg is over when
+    nox is. The log is what the summary quotes when a leg fails before any
+    test report exists (a broken install, a bad command line).
+    """
+    out = sys.stdout.buffer
+    with open(path, "wb") as log_file:
+        while True:
+            readable, _, _ = select.select([fd], [], [], 0.2)
+            if readable:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return
+                out.write(chunk)
+                out.flush()
+                log_file.write(chunk)
+            elif proc.poll() is not None:
+                return
+
+
 def run_leg(
     session: str,
     *,
@@ -78,10 +103,11 @@ def run_leg(
 ) -> LegRecord:
     """Run ``nox -s SESSION`` in *project* and record the leg in its folder.
 
-    nox's output goes straight to this process's stdout and stderr. SIGTERM
-    and SIGINT received meanwhile are passed on to nox (and only to nox, the
-    process started here), so a cancelled CI job still lets the session close
-    and write its leak report. Returns the finished `LegRecord`.
+    nox's output goes to this process's stdout and to ``nox.log``. SIGTERM
+    and SIGINT received meanwhile are passed on to nox as SIGINT (and only to
+    nox, the process started here), so a cancelled CI job still lets the
+    session close and write its leak report. Returns the finished
+    `LegRecord`.
     """
     folder = leg_folder(reports, session)
     nox_report = folder / NOX_REPORT_FILE
@@ -100,16 +126,26 @@ def run_leg(
 
     log.info("Running %s in %s.", " ".join(shown), project)
     started = time.monotonic()
-    proc = subprocess.Popen([*command, "--report", str(nox_report)], cwd=project)
+    proc = subprocess.Popen(
+        [*command, "--report", str(nox_report)],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        # nox stops a session gracefully on SIGINT only (it interrupts the
+        # command, waits, then terminates it); a SIGTERM would end nox at
+        # once and orphan the session's processes. So both become SIGINT.
         if proc.poll() is None:
-            proc.send_signal(signum)
+            proc.send_signal(signal.SIGINT)
 
     previous = {
         sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)
     }
     try:
+        assert proc.stdout is not None
+        tee(proc.stdout.fileno(), folder / NOX_LOG_FILE, proc)
         status = proc.wait()
     finally:
         for sig, handler in previous.items():

@@ -15,12 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from leg_reports import VERDICT_ORDER, LegReport, Verdict
+from leg_reports import NOX_LOG_FILE, VERDICT_ORDER, LegReport, Verdict
 
 #: Rows shown per table before "... and N more".
 ROW_LIMIT: Final = 25
 #: Lines of a hang report shown inline.
 HANG_LINES: Final = 60
+#: Lines of nox's output quoted for a leg that failed without a test report.
+LOG_LINES: Final = 25
 
 ICONS: Final[dict[Verdict, str]] = {
     "passed": "✅",
@@ -173,6 +175,10 @@ def render_leg(
         if len(rows) > ROW_LIMIT:
             out.append(f"| ... and {len(rows) - ROW_LIMIT} more | | | |")
 
+    if verdict != "passed" and not failures and not rows and not leg.hangs:
+        # Nothing else explains the failure: quote the end of nox's output.
+        out += _log_tail(leg.folder / NOX_LOG_FILE, base)
+
     for hang in leg.hangs:
         out += ["", f"{heading}# Hang report {code(_display(hang, base))}", ""]
         out += _hang_excerpt(hang)
@@ -193,7 +199,28 @@ def render_leg(
             f"reproduce: {code(f'python ci/dry_run.py --session {leg.session}')}"
         )
         out += ["", "**Next:** " + "; ".join(steps) + "."]
-    return "\n".join(out).rstrip() + "\n"
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).rstrip() + "\n"
+
+
+def _fenced(text: str) -> list[str]:
+    longest = max((len(run) for run in re.findall(r"`{3,}", text)), default=2)
+    fence = "`" * (longest + 1)
+    return [f"{fence}text", text, fence]
+
+
+def _log_tail(path: Path, base: Path | None) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    # Colour codes make the text unreadable outside a terminal.
+    tail = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in lines[-LOG_LINES:]]
+    return [
+        "",
+        f"The last {len(tail)} lines of nox's output ({code(_display(path, base))}):",
+        "",
+        *_fenced("\n".join(tail)),
+    ]
 
 
 def _hang_excerpt(path: Path) -> list[str]:

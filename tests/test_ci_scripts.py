@@ -95,6 +95,8 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("GITHUB_ACTIONS", "GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY", "CI"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("_TRACTOR_RT_VARS", raising=False)
+    # The sample's pytest needs none of the plugins installed here.
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     return make_project(tmp_path / "proj")
 
 
@@ -117,6 +119,7 @@ def run_pytest_junit(folder: Path, source: str) -> Path:
             str(folder),
         ],
         cwd=folder,
+        env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
         capture_output=True,
         check=False,
     )
@@ -579,3 +582,36 @@ def test_run_leg_passes_a_signal_on_to_nox(project: Path) -> None:
     assert status != 0
     assert record["exit_status"] not in (0, None)
     assert run_leg.exit_status(LegRecord.from_json(record)) != 0
+    # nox got SIGINT, so it stopped pytest too: nothing runs in the project.
+    deadline = time.monotonic() + 10
+    while (left := _processes_in(project)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == []
+
+
+def _processes_in(folder: Path) -> list[int]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if Path(proc.cwd()).is_relative_to(folder) and proc.status() != "zombie":
+                found.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def test_a_leg_without_test_reports_quotes_nox(project: Path) -> None:
+    """A leg that fails before pytest starts still says why, in its summary."""
+    pyproject = project / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text().replace(
+            'command = "python -m pytest', 'command = "no-such-command-3f9a pytest'
+        )
+    )
+    assert dry_run.main(["--project", str(project), "--no-venv", "-s", "*trio*"]) == 1
+    summary = (project / "reports" / "ci-summary.md").read_text()
+    assert "No JUnit XML was written" in summary
+    assert "lines of nox's output" in summary
+    assert "no-such-command-3f9a" in summary
