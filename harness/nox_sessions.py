@@ -209,6 +209,8 @@ def build_exec_args(
         cell.backend,
         "--transport",
         cell.transport,
+        "--bindspace-folder",
+        config.bindspace_name,
         "--leaks",
         leaks,
         "--report",
