@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -43,9 +42,9 @@ def _prctl() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     if not sys.platform.startswith("linux"):
         return None
     if _libc is None:
-        _libc = ctypes.CDLL(
-            ctypes.util.find_library("c") or "libc.so.6", use_errno=True
-        )
+        # The symbols already loaded into the interpreter include libc's;
+        # ctypes.util.find_library would run `ldconfig -p` to find it again.
+        _libc = ctypes.CDLL(None, use_errno=True)
     return _libc.prctl
 
 
