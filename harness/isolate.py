@@ -603,8 +603,10 @@ class IsolationPlan:
                     "Retry, or use `--isolate none`"
                 )
                 raise HarnessError(msg)
+            # Entering takes tens of milliseconds: poll finely (one stat()
+            # per check) so that start-up is not rounded up by the sleep.
             time.sleep(delay)
-            delay = min(delay * 2, 0.01)
+            delay = min(delay * 2, 0.002)
 
     def _refusal(self, report: Mapping[str, Any]) -> str:
         detail = report.get("message", "no detail")
