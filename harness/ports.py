@@ -502,7 +502,10 @@ def _is_reserved(port: int) -> bool:
 
 @functools.cache
 def _family_of(host: str) -> tuple[socket.AddressFamily, str]:
-    """The address family of *host* and its wildcard address."""
+    """The address family of *host* and its wildcard address (cached).
+
+    Raises `HarnessError` unless *host* is an IP address of this machine.
+    """
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -511,9 +514,21 @@ def _family_of(host: str) -> tuple[socket.AddressFamily, str]:
             f"so pass the address the port will be bound on, e.g. '127.0.0.1'"
         )
         raise HarnessError(msg) from None
-    if address.version == 6:
-        return (socket.AF_INET6, "::")
-    return (socket.AF_INET, "0.0.0.0")
+    family, wildcard = (
+        (socket.AF_INET6, "::") if address.version == 6 else (socket.AF_INET, "0.0.0.0")
+    )
+    # Every probe would fail for an address this host does not have, and the
+    # walk would blame each port; say what is wrong once instead.
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, 0))
+        except OSError as exc:
+            msg = (
+                f"cannot bind to host {host!r}: {exc.strerror}; pass an address "
+                f"of this machine, e.g. '127.0.0.1'"
+            )
+            raise HarnessError(msg) from None
+    return (family, wildcard)
 
 
 def _bind_problem(host: str, port: int) -> str | None:

@@ -545,6 +545,12 @@ def test_host_must_be_an_ip_address(leases: Path) -> None:
         lease_port(lease_dir=leases, host="localhost")
 
 
+def test_host_must_be_an_address_of_this_machine(leases: Path) -> None:
+    # 192.0.2.0/24 is reserved for documentation: no host has it.
+    with pytest.raises(HarnessError, match=r"cannot bind to host '192\.0\.2\.1'"):
+        lease_port(lease_dir=leases, host="192.0.2.1")
+
+
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
 def test_ipv6_loopback_lease(leases: Path) -> None:
     try:
