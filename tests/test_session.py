@@ -361,3 +361,24 @@ def test_subreaper_flag(runtime_dir: Path, python: str) -> None:
         [python, "-c", script], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["False", "True"]
+
+
+@pytest.mark.slow
+def test_stress_many_owners_some_killed(runtime_dir: Path, python: str) -> None:
+    """Forty owners at once; every third is SIGKILLed; prune recovers all."""
+    owners = [_start_owner(python, "stress") for _ in range(40)]
+    opened = [json.loads(p.stdout.readline()) for p in owners]  # type: ignore[union-attr]
+    assert len({o["port"] for o in opened}) == 40
+    assert len({o["id"] for o in opened}) == 40
+    for index, proc in enumerate(owners):
+        if index % 3 == 0:
+            proc.kill()
+            proc.communicate()
+        else:
+            proc.communicate("\n", timeout=60)
+    actions = prune_sessions(runtime_dir)
+    assert len(actions) == len(range(0, 40, 3))
+    assert all(a.action == "removed" for a in actions)
+    assert SessionStore(runtime_dir).list() == []
+    assert list((runtime_dir / "tractor").iterdir()) == []
+    assert not any(port_is_leased(o["port"]) for o in opened)
