@@ -46,7 +46,7 @@ from harness.procfs import (
     read_tcp_listeners,
     read_unix_sockets,
 )
-from harness.records import SessionRecord, record_state
+from harness.records import SessionRecord, owner_alive, record_state
 
 log = logging.getLogger("harness.leaks")
 
@@ -401,3 +401,31 @@ def _user(uid: int | None) -> str:
         except KeyError:
             _users[uid] = str(uid)
     return _users[uid]
+
+
+def session_processes(
+    record: SessionRecord, *, include_owner: bool = True
+) -> list[tuple[psutil.Process, str]]:
+    """The live processes of *record*'s session, each with how it was found.
+
+    The owner comes first while it runs (unless *include_owner* is false, or
+    the caller is the owner); then every process the leak check attributes
+    to the session, re-verified by creation time so a recycled pid is never
+    returned. This is what stack capture (`harness dump`, the hang report)
+    looks at.
+    """
+    targets: list[tuple[psutil.Process, str]] = []
+    if include_owner and owner_alive(record) and record.owner_pid != os.getpid():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            targets.append((psutil.Process(record.owner_pid), "owner"))
+    for leaked in check_leaks(record).processes:
+        if leaked.zombie:
+            continue
+        try:
+            proc = psutil.Process(leaked.pid)
+            if abs(proc.create_time() - leaked.create_time) > 0.01:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        targets.append((proc, ", ".join(leaked.how)))
+    return targets

@@ -131,6 +131,8 @@ class RunOptions:
     rtvars: Mapping[str, Any] = field(default_factory=dict)
     runtime_dir: Path | None = None
     port_range: tuple[int, int] | None = None
+    isolate: tuple[str, ...] = ()
+    """Kernel namespaces to run the command in (``net``, ``pid``, ``auto``)."""
 
 
 Wrapper = Callable[[list[str], "Session"], list[str]]
@@ -153,11 +155,11 @@ def default_hooks(options: RunOptions) -> RunHooks:
     """The hooks ``harness exec`` runs with for *options*.
 
     This is the one place where isolation, the hang watchdog and the leak
-    check are plugged into a run. None is wired yet: the command runs
-    unwrapped and unwatched, and the leak check is `Session.close`'s count
-    of socket files left in the bindspace.
+    check are plugged into a run; `harness.exec_hooks` builds them.
     """
-    return RunHooks()
+    from harness.exec_hooks import build_hooks
+
+    return build_hooks(options)
 
 
 def resolve_command(argv: Sequence[str], env: Mapping[str, str]) -> str:
@@ -241,8 +243,8 @@ def _apply_leak_mode(session: Session, options: RunOptions, status: int) -> int:
     # Session.close has logged what it kept and where; only the verdict is left.
     if options.leaks == "reap":
         log.warning(
-            "Leak mode 'reap' needs the leak check (harness.leaks) wired into "
-            "default_hooks; nothing was reaped in session %s.",
+            "Leak mode 'reap' needs an after_exit hook (see default_hooks); "
+            "nothing was reaped in session %s.",
             session.id,
         )
     if options.leaks == "fail" and status == 0:

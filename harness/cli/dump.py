@@ -126,30 +126,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def session_targets(record: SessionRecord) -> list[Target]:
-    """The session's processes (from the leak check's attribution), each as
-    ``(psutil.Process, how)``; the owner first while it runs."""
-    import contextlib
-    import os
+    """The session's processes, the owner first while it runs."""
+    from harness.leaks import session_processes
 
-    import psutil
-
-    from harness.leaks import check_leaks
-    from harness.records import owner_alive
-
-    targets: list[Target] = []
-    if owner_alive(record) and record.owner_pid != os.getpid():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            targets.append((psutil.Process(record.owner_pid), "owner"))
-    for leaked in check_leaks(record).processes:
-        try:
-            proc = psutil.Process(leaked.pid)
-            # The pid may have been recycled since the scan.
-            if abs(proc.create_time() - leaked.create_time) > 0.01:
-                continue
-        except psutil.NoSuchProcess:
-            continue
-        targets.append((proc, ", ".join(leaked.how)))
-    return targets
+    return list(session_processes(record))
 
 
 def _choose(store: SessionStore, session: str | None) -> SessionRecord:

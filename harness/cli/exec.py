@@ -30,7 +30,8 @@ record and lease are gone; with some, the bindspace and record stay for
 
 exit status: CMD's own; 128+N when signal N killed it; 127 when CMD is not
 found, 126 when it is not executable; 85 when the session could not be
-opened; 86 when CMD passed but the session leaked and --leaks is fail.
+opened; 86 when CMD passed but the session leaked and --leaks is fail;
+87 when a hang limit (--timeout, --silence) was hit.
 """
 
 EPILOG = """\
@@ -87,7 +88,46 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--report",
         default=None,
         metavar="PATH",
-        help="write the session's leak report to PATH",
+        help="write the session's leak report (JSON) to PATH; a hang report "
+        "goes beside it as hang.txt",
+    )
+    parser.add_argument(
+        "--isolate",
+        action="append",
+        default=None,
+        metavar="LEVEL",
+        help="run CMD in private kernel namespaces: net (own loopback, so a "
+        "hard-coded port such as 1616 cannot collide), pid (also: nothing CMD "
+        "starts outlives the session), auto (what this host permits), none; "
+        "repeat or comma-separate (default: none)",
+    )
+    hang = parser.add_argument_group(
+        "hang limits",
+        "When a limit is hit, the stacks of every process of the session are "
+        "captured twice (--capture-delay apart) into a hang report, the "
+        "session's processes are reaped and harness exec exits 87.",
+    )
+    hang.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="wall-clock limit of the session",
+    )
+    hang.add_argument(
+        "--silence",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="limit on time without output from CMD (its output is then "
+        "copied through the harness, through a pty when stdout is a terminal)",
+    )
+    hang.add_argument(
+        "--capture-delay",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="time between the two stack snapshots of a hang (default: 2)",
     )
     parser.add_argument(
         "command",
@@ -96,6 +136,26 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="the command to run, after --",
     )
     return parser
+
+
+def _seconds(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):
+        msg = f"expected a positive number of seconds, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _isolation_levels(values: list[str] | None) -> tuple[str, ...]:
+    levels: list[str] = []
+    for value in values or ():
+        levels.extend(part.strip() for part in value.split(",") if part.strip())
+    return tuple(level for level in levels if level != "none")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,9 +178,21 @@ def run(args: argparse.Namespace) -> int:
         bindspace_folder=args.bindspace_folder,
         leaks=args.leaks or default_leak_mode(),
         report=Path(args.report) if args.report else None,
+        isolate=_isolation_levels(args.isolate),
+        rtvars=_diag_fields(args),
     )
     try:
         return run_command(command, options)
     except CommandNotRunnable as exc:
         print(f"harness exec: {exc}", file=sys.stderr)
         return exc.status
+
+
+def _diag_fields(args: argparse.Namespace) -> dict[str, float]:
+    """The hang limits, as the envelope fields every process can read."""
+    fields = {
+        "diag_on_hang": args.timeout,
+        "diag_silence": args.silence,
+        "diag_capture_delay": args.capture_delay,
+    }
+    return {name: value for name, value in fields.items() if value is not None}
