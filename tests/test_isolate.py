@@ -270,8 +270,12 @@ def test_ipv6_listeners_are_decoded(
 
 # ------------------------------------------------------------ pid namespace
 
+# Starts a double-forked daemon, waits until it has become `sleep 600` (its
+# end of a close-on-exec pipe closes at exec), prints its own pid inside the
+# namespace and the name of pid 1 there, and exits.
 DAEMON = """
     import os, sys
+    execd, daemon_end = os.pipe()
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
@@ -280,6 +284,8 @@ DAEMON = """
                 os.dup2(null, fd)
             os.execvp("sleep", ["sleep", "600"])
         os._exit(0)
+    os.close(daemon_end)
+    os.read(execd, 1)
     os.wait()
     print(os.getpid(), open("/proc/1/comm").read().strip(), flush=True)
 """
