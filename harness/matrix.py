@@ -7,9 +7,10 @@ all built from `Matrix`, so they cannot disagree.
 
 A *cell* is one (backend, transport) pair and becomes one nox session named
 ``<prefix>-<backend>-<transport>``, tagged ``<prefix>``, ``<backend>`` and
-``<transport>``. With Python versions configured, the session runs once per
-version, and nox names each run ``<session>-<python>``: that is the name a
-CI job passes to ``nox -s``.
+``<transport>``. With Python versions configured, a cell becomes one *run*
+per version, named ``<session>-<python>`` as nox names such sessions, and
+tagged with the cell's session name as well: that name is what a CI job
+passes to ``nox -s``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
         if self.python is None:
             return self.cell.session
         return f"{self.cell.session}-{self.python}"
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The cell's tags; with a Python version also the cell's session
+        name, so ``nox -t tests-trio-tcp`` runs it on every version."""
+        if self.python is None:
+            return self.cell.tags
+        return (*self.cell.tags, self.cell.session)
 
 
 class Excluded(msgspec.Struct, frozen=True, kw_only=True):
@@ -151,7 +160,7 @@ class Matrix:
                     "backend": run.cell.backend,
                     "transport": run.cell.transport,
                     "python": run.python,
-                    "tags": list(run.cell.tags),
+                    "tags": list(run.tags),
                 }
                 for run in self.runs()
             ]

@@ -27,8 +27,8 @@ virtualenv mid-run. So the sessions are registered with ``venv_backend=
 - (re)creating and installing needs the exclusive lock, so it happens only
   while nobody uses the virtualenv;
 - a virtualenv that was built with the same interpreter and install
-  arguments after this nox process started, or that another run is using
-  right now, is shared rather than rebuilt.
+  arguments while this run waited for the lock, or that another run is
+  using right now, is shared rather than rebuilt.
 
 The kernel drops a killed process's lock, so a crashed run never blocks the
 next. Run folders are per run (``<run-id>`` is time and pid), so reports
@@ -54,8 +54,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import psutil
-
 from harness.config import HarnessConfig, load_config, resolve_leaks_mode
 from harness.errors import HarnessError
 from harness.matrix import Cell, Matrix
@@ -72,9 +70,14 @@ MARKER: Final = ".harness-venv.json"
 #: The file ``flock``-ed next to each virtualenv.
 LOCK_SUFFIX: Final = ".harness-lock"
 
+#: How often a run tries to hold a virtualenv built to its spec before it
+#: gives up (only runs with other specs rebuilding it in between make it
+#: try again).
+ATTEMPTS: Final = 10
+
 
 def register(pyproject: Path | str | None = None) -> list[str]:
-    """Register one nox session per cell of the matrix; return their names.
+    """Register one nox session per run of the matrix; return their names.
 
     *pyproject* is the ``pyproject.toml`` holding ``[tool.harness]`` (or a
     folder to search upwards from); by default the one at or above the
@@ -86,16 +89,17 @@ def register(pyproject: Path | str | None = None) -> list[str]:
 
     config = load_config(pyproject)
     matrix = Matrix(config)
-    for cell in matrix:
-        body = _session_body(config, cell)
+    for run in matrix.runs():
+        # One registration per Python version: nox does not expand a list
+        # of pythons for a session whose venv_backend is "none".
         nox.session(
-            name=cell.session,
-            python=list(cell.pythons) or None,
-            tags=list(cell.tags),
+            name=run.name,
+            python=run.python,
+            tags=list(run.tags),
             venv_backend="none",
             allow_parallel=True,
-        )(body)
-    return [cell.session for cell in matrix]
+        )(_session_body(config, run.cell))
+    return matrix.names()
 
 
 def _session_body(config: HarnessConfig, cell: Cell) -> Callable[..., None]:
@@ -414,7 +418,7 @@ def _build_venv(
     created = env.create()
     if created or not options.no_install:
         _install(session, venv, backend, spec["install"])
-    _write_marker(marker, spec)
+        _write_marker(marker, spec)
 
 
 def _install(session: nox.Session, venv: Venv, backend: str, args: list[str]) -> None:
@@ -443,13 +447,6 @@ def _read_marker(location: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _process_started_at() -> float:
-    try:
-        return float(psutil.Process().create_time())
-    except psutil.Error:
-        return time.time()
-
-
 def _usable(location: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The marker of a complete virtualenv built to *spec*, else ``None``."""
     marker = _read_marker(location)
@@ -470,25 +467,37 @@ def venv_lock(
     """Hold the virtualenv at *location* in use for the block.
 
     On entry, either share a usable virtualenv (built to *spec*, and either
-    built after this process started, or in use by another run, or *reuse*
+    built while this call waited, or in use by another run, or *reuse*
     asked for) under a shared lock, or take the exclusive lock, call
     ``build(reuse_ok)`` and then hold a shared lock. See the module
     docstring for why.
     """
     location.parent.mkdir(parents=True, exist_ok=True)
     lock_path = location.with_name(location.name + LOCK_SUFFIX)
-    started_at = _process_started_at()
+    # A virtualenv built to our spec while we waited for the lock was built
+    # for a run started with ours: use it. One built before is rebuilt, as
+    # nox rebuilds on every run unless told to reuse.
+    started_at = time.time()
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        while not _hold_built(
-            fd,
-            location=location,
-            spec=spec,
-            reuse=reuse,
-            started_at=started_at,
-            build=build,
-        ):
-            pass
+        for _attempt in range(ATTEMPTS):
+            if _hold_built(
+                fd,
+                location=location,
+                spec=spec,
+                reuse=reuse,
+                started_at=started_at,
+                build=build,
+            ):
+                break
+        else:
+            msg = (
+                f"the virtualenv {str(location)!r} was rebuilt by other runs "
+                f"{ATTEMPTS} times before this one could use it, or its build "
+                f"leaves no {MARKER}; run the sessions with one install "
+                "configuration at a time, or delete it and retry"
+            )
+            raise HarnessError(msg)
         yield
     finally:
         # Closing the descriptor drops the lock; so does the kernel when the
@@ -528,7 +537,7 @@ def _hold_built(
     marker = _usable(location, spec)
     fresh = marker is not None and marker["created_at"] >= started_at
     if marker is not None and fresh:
-        log.info("Reusing %s: another run built it after this one started.", location)
+        log.info("Reusing %s: another run built it while this one waited.", location)
     elif marker is not None and reuse:
         build(True)
     else:

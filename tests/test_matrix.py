@@ -84,14 +84,14 @@ def test_github_matrix_has_one_job_per_run() -> None:
                 "backend": "trio",
                 "transport": "tcp",
                 "python": "3.13",
-                "tags": ["it", "trio", "tcp"],
+                "tags": ["it", "trio", "tcp", "it-trio-tcp"],
             },
             {
                 "session": "it-trio-uds-3.13",
                 "backend": "trio",
                 "transport": "uds",
                 "python": "3.13",
-                "tags": ["it", "trio", "uds"],
+                "tags": ["it", "trio", "uds", "it-trio-uds"],
             },
         ]
     }
