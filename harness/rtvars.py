@@ -516,21 +516,33 @@ def _parse(text: str, *, name: str) -> Any:
         Warning,
     ):
         pass
-    _explain(text.strip(), name=name)
+    _explain(text, name=name)
     msg = f"{name} is not a plain literal"  # _explain always raises first
     raise RtVarsError(msg)
 
 
 def _explain(text: str, *, name: str) -> None:
     """Raise an `RtVarsError` that says what is wrong with *text*, and where."""
+    # The parser sees the text without its surrounding whitespace (indented
+    # text is an IndentationError to it); positions are given in *text*.
+    body = text.strip()
+    lead = text[: len(text) - len(text.lstrip())]
+    lead_lines = lead.count("\n")
+    lead_columns = len(lead) - (lead.rfind("\n") + 1)
+
+    def where(line: int | None, column: int | None) -> str:
+        if line is not None and column is not None and line == 1:
+            column += lead_columns
+        return _line_column(line and line + lead_lines, column)
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            tree = ast.parse(text, mode="eval")
+            tree = ast.parse(body, mode="eval")
     except SyntaxError as exc:
-        where = _line_column(exc.lineno, exc.offset)
+        at = where(exc.lineno, exc.offset)
         msg = (
-            f"{name} is not a Python literal: {exc.msg} at {where}; "
+            f"{name} is not a Python literal: {exc.msg} at {at}; "
             "it may be truncated or hand-edited. Write it with dump_rtvars()"
         )
         raise RtVarsError(msg) from None
@@ -540,11 +552,11 @@ def _explain(text: str, *, name: str) -> None:
     for node in ast.walk(tree.body):
         if not isinstance(node, _LITERAL_NODES):
             kind = type(node).__name__
-            where = _line_column(node.lineno, node.col_offset + 1)  # type: ignore[attr-defined]
-            msg = f"{name} holds a {kind} expression at {where}; {_LITERALS_ONLY}"
+            at = where(node.lineno, node.col_offset + 1)  # type: ignore[attr-defined]
+            msg = f"{name} holds a {kind} expression at {at}; {_LITERALS_ONLY}"
             raise RtVarsError(msg)
     msg = (
-        f"{name} is not a plain literal: {_short(text)}; a number with a sign "
+        f"{name} is not a plain literal: {_short(body)}; a number with a sign "
         "operator in the wrong place, or a dict key that is a list, can cause "
         "this. Write it with dump_rtvars()"
     )
@@ -581,8 +593,11 @@ def _convert(data: Any, *, name: str) -> RuntimeVars:
                 "names are strings such as 'session'"
             )
             raise RtVarsError(msg)
+    # Only the known keys go to msgspec: it would ignore the others anyway, but
+    # first encode them as UTF-8, which fails on a key with a lone surrogate.
+    known = {key: value for key, value in data.items() if key in _FIELDS}
     try:
-        return msgspec.convert(data, RuntimeVars, strict=True)
+        return msgspec.convert(known, RuntimeVars, strict=True)
     except msgspec.ValidationError as exc:
         # msgspec names the field as `$.field[0]`; say it without the `$.`.
         detail = str(exc).replace("`$.", "`").replace("`$`", "the envelope")

@@ -136,6 +136,31 @@ def msgspec_fields(rtvars: RuntimeVars) -> dict[str, Any]:
     return {field: getattr(rtvars, field) for field in rtvars.__struct_fields__}
 
 
+@given(
+    rtvars=runtime_vars, extras=st.dictionaries(unknown_keys, plain_values, max_size=4)
+)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_everything_dump_writes_takes_the_fast_path(
+    rtvars: RuntimeVars, extras: dict[str, Any]
+) -> None:
+    # The fast path is the only one measured by bench/envelope.py: an
+    # envelope the harness wrote must never fall back to the slow checks.
+    from harness.rtvars import _REPR_TEXT
+
+    text = encode_rtvars({**rtvars.to_dict(), **extras})
+    assert _REPR_TEXT.fullmatch(text), text
+
+
+def test_an_unknown_key_with_a_lone_surrogate_round_trips() -> None:
+    text = encode_rtvars({"session": "s", "\udcff": ("\ud800",)})
+    assert text == "{'session': 's', '\\udcff': ('\\ud800',)}"
+    assert read_raw_rtvars({RT_VARS_ENV: text}) == {
+        "session": "s",
+        "\udcff": ("\ud800",),
+    }
+    assert decode_rtvars(text) == RuntimeVars(session="s")
+
+
 def test_str_and_int_ports_stay_apart() -> None:
     rtvars = RuntimeVars(_registry_addrs=[("127.0.0.1", 1616), ("127.0.0.1", "1616")])
     addrs = decode_rtvars(encode_rtvars(rtvars))._registry_addrs

@@ -101,6 +101,11 @@ HOSTILE = [
     ),
     Hostile("truncated-string", "{'session': 'ab", "unterminated string"),
     Hostile(
+        "indented-double-comma",
+        "\n\n   {'session': 'x',, }",
+        "invalid syntax at line 3, column 20",
+    ),
+    Hostile(
         "wrong-field-type",
         "{'_debug_mode': 'yes'}",
         "Expected `bool`, got `str` - at `_debug_mode`",
