@@ -24,7 +24,7 @@ process was started with, read from /proc/<pid>/environ.
 
 Fields the process set are shown in full, fields left at their default are
 dimmed, and keys this version of the harness does not know (written by a newer
-one) are listed under "unknown keys": they are kept, never dropped.
+one) are shown in yellow after them: they are kept, never dropped.
 
 exit status:
   0   the envelope was shown
