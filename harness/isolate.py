@@ -395,6 +395,18 @@ class _HasPid(Protocol):
     def pid(self) -> int: ...
 
 
+class _Session(Protocol):
+    """What a plan uses of `harness.session.Session`, when it is given one."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def bindspace(self) -> Path: ...
+
+    def update_record(self, **changes: Any) -> None: ...
+
+
 @dataclass(frozen=True)
 class Namespaces:
     """The namespaces a wrapped command runs in, as the wrapper reported them.
@@ -499,14 +511,22 @@ class IsolationPlan:
             f"session{how}"
         )
 
-    def wrap(self, argv: Sequence[str], *, state_dir: Path | None = None) -> list[str]:
+    def wrap(
+        self,
+        argv: Sequence[str],
+        session: _Session | None = None,
+        *,
+        state_dir: Path | None = None,
+    ) -> list[str]:
         """Return the command line that runs *argv* isolated by this plan.
 
         At level ``none`` that is *argv* itself. Otherwise it runs
         `harness.nsinit` with this plan's Python, which enters the namespaces
-        and then runs *argv* with the environment it was given. The wrapper
-        reports to *state_dir* (default: a new private folder under the
-        harness's state dir, removed by `teardown`). Call it once per plan.
+        and then runs *argv* with the environment it was given, plus, when
+        *session* is given, ``XDG_RUNTIME_DIR`` and ``XDG_CACHE_HOME`` in the
+        session's bindspace (see `private_env`). The wrapper reports to
+        *state_dir* (default: a new private folder under the harness's state
+        dir, removed by `teardown`). Call it once per plan.
         """
         if not argv:
             msg = "cannot wrap an empty command: give the program to run"
@@ -528,6 +548,9 @@ class IsolationPlan:
         options = ["--pid" if self.level == "pid" else "--net"]
         if self.userns:
             options.append("--userns")
+        if session is not None:
+            for name, value in private_env(session.bindspace, {}).items():
+                options += ["--env", f"{name}={value}"]
         wrapped = [
             self.python,
             "-I",
@@ -543,7 +566,11 @@ class IsolationPlan:
         return wrapped
 
     def started(
-        self, proc: int | _HasPid, *, timeout: float = 30.0
+        self,
+        proc: int | _HasPid,
+        session: _Session | None = None,
+        *,
+        timeout: float = 30.0,
     ) -> Namespaces | None:
         """Wait until the wrapped command runs in its namespaces; return their ids.
 
@@ -551,7 +578,9 @@ class IsolationPlan:
         a `psutil.Process`, a trio process or a pid). Call it right after
         starting the process: it waits only for the wrapper to enter the
         namespaces (milliseconds), not for the command. It never reaps the
-        process, so the caller's own ``wait()`` still gets the status.
+        process, so the caller's own ``wait()`` still gets the status. With
+        *session*, the namespaces' ids go into its record (`record_fields`),
+        where the leak check finds them.
 
         Raises `HarnessError` with the reason and the fix when the wrapper
         could not enter the namespaces, or ended without saying why.
@@ -585,6 +614,8 @@ class IsolationPlan:
                     init_start_time=data.get("init_start_time"),
                 )
                 log.debug("Process %s runs in %s.", pid, self._namespaces)
+                if session is not None:
+                    session.update_record(**self.record_fields())
                 return self._namespaces
             if error.exists():
                 raise HarnessError(self._refusal(json.loads(error.read_text())))
@@ -679,7 +710,9 @@ class IsolationPlan:
             "pidns": ns.pidns if ns else None,
         }
 
-    def teardown(self, *, timeout: float = 10.0) -> list[EndedProcess]:
+    def teardown(
+        self, session: _Session | None = None, *, timeout: float = 10.0
+    ) -> list[EndedProcess]:
         """End the session's namespaces; return the processes that ended with them.
 
         Call it after the leak check. At level ``pid`` it kills the
@@ -690,6 +723,7 @@ class IsolationPlan:
         level ``net`` nothing is killed: a network namespace ends with its
         last process, and processes left in it are leaks for the leak check
         and reap. Removes the wrapper's state folder. Safe to call twice.
+        *session* only names the session in the log line.
         """
         if self._torn_down:
             return []
@@ -705,7 +739,8 @@ class IsolationPlan:
                 ):
                     ns = self.started(self._wrapper_pid or -1, timeout=0)
         if ns is not None and ns.pidns is not None and ns.init_pid is not None:
-            ended = _end_pid_namespace(ns, timeout=timeout)
+            where = f"session {session.id}" if session is not None else "the session"
+            ended = _end_pid_namespace(ns, timeout=timeout, where=where)
         self._remove_state()
         return ended
 
@@ -720,7 +755,9 @@ class IsolationPlan:
                     (self._state_dir / name).unlink()
 
 
-def _end_pid_namespace(ns: Namespaces, *, timeout: float) -> list[EndedProcess]:
+def _end_pid_namespace(
+    ns: Namespaces, *, timeout: float, where: str
+) -> list[EndedProcess]:
     assert ns.pidns is not None
     assert ns.init_pid is not None
     init = ns.init_pid
@@ -754,8 +791,9 @@ def _end_pid_namespace(ns: Namespaces, *, timeout: float) -> list[EndedProcess]:
         delay = min(delay * 2, 0.05)
     if ended:
         log.info(
-            "Ended the pid namespace %s; %d process(es) ended with it: %s.",
+            "Ended the pid namespace %s of %s; %d process(es) ended with it: %s.",
             ns.pidns,
+            where,
             len(ended),
             "; ".join(str(p) for p in ended),
         )

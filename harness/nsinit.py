@@ -20,6 +20,10 @@ Options (an internal protocol between this file and `harness.isolate`):
 ``--userns``
     Create a user namespace first, mapping the caller's uid and gid to
     themselves; how an ordinary user gets the rights for the above.
+``--env NAME=VALUE``
+    Set an environment variable for the command (repeatable): how a plan
+    gives the command a private ``XDG_CACHE_HOME`` when the runner controls
+    the environment.
 ``--state DIR``
     Write ``ready.json`` (the namespaces' ids and the init's host pid) or
     ``error.json`` (why the namespaces could not be entered) into *DIR*.
@@ -75,10 +79,24 @@ _IFF_UP = 0x1
 #: is the ``short`` flags; 40 bytes in all on 64- and 32-bit Linux.
 _IFREQ = struct.Struct("16sH22x")
 
-#: Signals the wrapper passes on to the command. SIGINT is not among them: a
-#: terminal's Ctrl-C already reaches the command, which shares the wrapper's
-#: process group, and a second copy would make pytest abort at once.
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+#: Signals the pid-level wrapper passes on to the command, as the harness's
+#: runner does to the wrapper.
+FORWARDED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+#: Signals a terminal sends to its whole foreground process group. One the
+#: kernel generated is not forwarded to a command in the wrapper's process
+#: group: it got its own copy, and a second Ctrl-C makes pytest abort at once.
+TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+#: ``si_code`` of a signal the kernel generated (a terminal's Ctrl-C).
+_SI_KERNEL = 0x80
 
 WRAPPER_NAME = b"harness-nswrap"
 INIT_NAME = b"harness-nsinit"
@@ -216,6 +234,7 @@ class Options:
         self.userns = False
         self.state: str | None = None
         self.probe = False
+        self.env: list[tuple[str, str]] = []
         self.command: list[str] = []
 
 
@@ -238,6 +257,9 @@ def parse(argv: Sequence[str]) -> Options:
             options.probe = True
         elif arg == "--state" and args:
             options.state = args.pop(0)
+        elif arg == "--env" and args and "=" in args[0]:
+            name, _, value = args.pop(0).partition("=")
+            options.env.append((name, value))
         else:
             _usage(f"unknown option {arg!r}")
     if not options.probe and not options.command:
@@ -247,8 +269,10 @@ def parse(argv: Sequence[str]) -> Options:
 
 def _usage(problem: str) -> NoReturn:
     sys.stderr.write(
-        f"harness nsinit: {problem}\nusage: nsinit.py [--net] [--pid] [--userns] "
-        "[--state DIR] -- COMMAND...\n(run by harness.isolate, not by hand)\n"
+        f"harness nsinit: {problem}\n"
+        "usage: nsinit.py [--net] [--pid] [--userns] [--state DIR] "
+        "[--env NAME=VALUE]... -- COMMAND...\n"
+        "(run by harness.isolate, not by hand)\n"
     )
     sys.exit(2)
 
@@ -365,12 +389,10 @@ def mount_private_proc() -> None:
 
 
 def _restore_signals() -> None:
-    # Python ignores SIGPIPE and SIGXFSZ at start-up and this script ignores
-    # SIGINT; ignored signals stay ignored across exec, so give the command
-    # the defaults a shell would.
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    for sig in FORWARDED_SIGNALS:
+    # Python ignores SIGPIPE and SIGXFSZ at start-up, and the init ignores
+    # the forwarded signals; ignored signals and the blocked mask survive
+    # exec, so give the command the defaults a shell would.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, *FORWARDED_SIGNALS):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
@@ -399,6 +421,12 @@ def run_init(command: Sequence[str], report: int, lifeline: int | None) -> NoRet
     a namespace must not outlive its session.
     """
     _set_name(INIT_NAME)
+    # The wrapper forwards signals to the command itself. The init ignores
+    # them: signals from outside reach a pid 1 only if it handles them, and
+    # Python's own SIGINT handler would otherwise turn a terminal's Ctrl-C
+    # into the end of the whole namespace.
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         mount_private_proc()
     except OSError as exc:
@@ -414,20 +442,11 @@ def run_init(command: Sequence[str], report: int, lifeline: int | None) -> NoRet
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    child: int | None = None
+    # The wrapper blocked signals before forking this init; with handlers in
+    # place they may come now.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
-    def forward(sig: int, _frame: object) -> None:
-        if child is not None:
-            try:
-                os.kill(child, sig)
-            except ProcessLookupError:
-                pass
-
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
-
-    child = os.fork()
+    child: int | None = os.fork()
     if child == 0:
         signal.set_wakeup_fd(-1)
         _restore_signals()
@@ -482,7 +501,12 @@ def _send(fd: int, line: str) -> None:
 
 
 def run_pid_namespace(options: Options) -> NoReturn:
-    """Fork the namespace's init, publish its ids, wait for the command."""
+    """Fork the namespace's init, publish its ids, forward signals, wait.
+
+    One loop waits for both the init's reports and signals: the report pipe
+    raises SIGIO when written to, and `sigtimedwait` returns each signal with
+    its origin, so a terminal's Ctrl-C can be told from a forwarded one.
+    """
     _set_name(WRAPPER_NAME)
     lifeline: int | None
     try:
@@ -492,6 +516,10 @@ def run_pid_namespace(options: Options) -> NoReturn:
         # (or a reap) ends the namespace.
         lifeline = None
     report_r, report_w = os.pipe()
+    # Blocked before the fork, so that no signal ends this wrapper by its
+    # default action before the loop below is waiting for it.
+    waited = {*FORWARDED_SIGNALS, signal.SIGCHLD, signal.SIGIO}
+    signal.pthread_sigmask(signal.SIG_BLOCK, waited)
 
     init = os.fork()
     if init == 0:
@@ -500,26 +528,65 @@ def run_pid_namespace(options: Options) -> NoReturn:
     os.close(report_w)
     if lifeline is not None:
         os.close(lifeline)
+    fcntl.fcntl(report_r, fcntl.F_SETOWN, os.getpid())
+    flags = fcntl.fcntl(report_r, fcntl.F_GETFL)
+    fcntl.fcntl(report_r, fcntl.F_SETFL, flags | os.O_ASYNC | os.O_NONBLOCK)
 
-    def forward(sig: int, _frame: object) -> None:
+    command: _Command | None = None
+    early: list[Any] = []
+    pending = b""
+    started = False
+    while True:
+        chunk, ended = _read_available(report_r)
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            text = line.decode()
+            if text == "started":
+                started = True
+                command = _Command.find(init)
+                _publish_ready(options, init)
+                for info in early:
+                    _forward(command, info)
+            elif text.startswith("error "):
+                import json
+
+                failure = json.loads(text[6:])
+                _fail(options, failure["step"], failure["detail"])
+            elif text.startswith("exit "):
+                _exit_like(int(text[5:]))
+        if ended:
+            if not started:
+                _fail(options, "start the pid namespace's init", _init_death(init))
+            sys.stderr.write(
+                f"harness nsinit: the pid namespace ended before the command did "
+                f"({_init_death(init)}); everything in it was killed\n"
+            )
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGKILL)
+        info = signal.sigtimedwait(waited, 1.0)
+        if info is None or info.si_signo not in FORWARDED_SIGNALS:
+            continue
+        if started:
+            _forward(command, info)
+        else:
+            early.append(info)
+
+
+def _read_available(fd: int) -> tuple[bytes, bool]:
+    """What can be read from *fd* now, and whether its writer has closed it."""
+    data = b""
+    while True:
         try:
-            os.kill(init, sig)
-        except ProcessLookupError:
-            pass
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return data, False
+        if not chunk:
+            return data, True
+        data += chunk
 
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    lines = os.fdopen(report_r, "rb")
-    first = lines.readline().decode().strip()
-    if first != "started":
-        if first.startswith("error "):
-            import json
-
-            failure = json.loads(first[6:])
-            _fail(options, failure["step"], failure["detail"])
-        _fail(options, "start the pid namespace's init", _init_death(init))
+def _publish_ready(options: Options, init: int) -> None:
     _write_state(
         options.state,
         "ready.json",
@@ -533,14 +600,82 @@ def run_pid_namespace(options: Options) -> NoReturn:
         ),
     )
 
-    last = lines.readline().decode().strip()
-    if not last.startswith("exit "):
-        sys.stderr.write(
-            f"harness nsinit: the pid namespace ended before the command did "
-            f"({_init_death(init)}); everything in it was killed\n"
-        )
-        os._exit(128 + signal.SIGKILL)
-    _exit_like(int(last[5:]))
+
+class _Command:
+    """The command inside the pid namespace, as seen from the host."""
+
+    def __init__(self, pid: int, pidfd: int | None) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+
+    @classmethod
+    def find(cls, init: int) -> _Command | None:
+        """The init's child that is pid 2 in the namespace: the command.
+
+        Orphans re-parented to the init are its children too; only the
+        command was forked first. A pidfd, where the kernel has them, keeps
+        a later signal from reaching another process that reused the pid.
+        """
+        for pid in _children(init):
+            try:
+                with open(f"/proc/{pid}/status") as status:
+                    for line in status:
+                        if line.startswith("NSpid:"):
+                            ns_pid = line.split()[-1]
+                            break
+                    else:
+                        continue
+            except OSError:
+                continue
+            if ns_pid != "2":
+                continue
+            try:
+                pidfd: int | None = os.pidfd_open(pid)
+            except (AttributeError, OSError):
+                pidfd = None
+            return cls(pid, pidfd)
+        return None
+
+    def send(self, sig: int) -> None:
+        try:
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    # Kernels without CONFIG_PROC_CHILDREN: look for the parent pid instead.
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as stat:
+                    if int(stat.read().rsplit(b")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _forward(command: _Command | None, info: Any) -> None:
+    if command is None:
+        return
+    sig = info.si_signo
+    if info.si_code == _SI_KERNEL and sig in TERMINAL_SIGNALS:
+        try:
+            if os.getpgid(command.pid) == os.getpgrp():
+                return
+        except ProcessLookupError:
+            return
+    command.send(sig)
 
 
 def _init_death(init: int) -> str:
@@ -624,6 +759,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     options = parse(sys.argv[1:] if argv is None else argv)
     if options.probe:
         probe(options)
+    for name, value in options.env:
+        os.environ[name] = value
     enter(options)
     if options.pid:
         run_pid_namespace(options)

@@ -775,3 +775,141 @@ def test_teardown_never_signals_a_reused_pid(caps: Capabilities) -> None:
     )
     assert plan.teardown() == []
     assert Path(f"/proc/{os.getpid()}").exists()
+
+
+# -------------------------------------------------------- signals, sessions
+
+
+def test_pid_wrapper_forwards_a_sigint_sent_to_it(
+    started: Started, caps: Capabilities
+) -> None:
+    plan = isolate.plan("pid", capabilities=caps)
+    proc = started.run(
+        ["sh", "-c", "echo up; exec sleep 600"], plan=plan, stdout=subprocess.PIPE
+    )
+    assert proc.stdout.readline() == "up\n"  # type: ignore[union-attr]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == -signal.SIGINT
+
+
+# Counts the SIGINTs it gets; on SIGUSR1 prints the count and exits. The
+# wrapper handles pending signals lowest number first, so a SIGINT it were to
+# forward would reach this command before the SIGUSR1 sent after it.
+COUNT_SIGINTS = """
+    import signal, sys, time
+    count = 0
+    def on_int(*_):
+        global count
+        count += 1
+        print("sigint", count, flush=True)
+    def on_usr1(*_):
+        print("total", count, flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGINT, on_int)
+    signal.signal(signal.SIGUSR1, on_usr1)
+    print("up", flush=True)
+    while True:
+        time.sleep(1)
+"""
+
+
+def test_a_terminal_ctrl_c_reaches_the_command_once(
+    started: Started, caps: Capabilities
+) -> None:
+    import termios
+
+    plan = isolate.plan("pid", capabilities=caps)
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:
+        fcntl_ioctl(0, termios.TIOCSCTTY, 0)
+
+    from fcntl import ioctl as fcntl_ioctl
+
+    try:
+        proc = started.run(
+            [sys.executable, "-c", textwrap.dedent(COUNT_SIGINTS)],
+            plan=plan,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            preexec_fn=controlling_terminal,
+        )
+        os.close(slave)
+        slave = -1
+        output = TerminalOutput(master)
+        output.wait_for("up")
+        # Two SIGINTs at once would merge into one pending signal and hide a
+        # duplicate, so the wrapper is stopped while the command takes the
+        # terminal's copy, and only then looks at its own.
+        proc.send_signal(signal.SIGSTOP)
+        wait_until_stopped(proc.pid)
+        os.write(master, b"\x03")  # Ctrl-C: the kernel signals the whole group
+        output.wait_for("sigint 1")
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=60) == 0
+        assert "total 1" in output.wait_for("total")
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
+def wait_until_stopped(pid: int) -> None:
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.001)
+
+
+class TerminalOutput:
+    """Reads what a command writes to a pseudo-terminal, line by line."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.text = ""
+
+    def wait_for(self, word: str) -> str:
+        import select
+
+        deadline = time.monotonic() + 60
+        while word not in self.text:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {word!r} in {self.text!r}"
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    self.text += os.read(self.fd, 4096).decode(errors="replace")
+                except OSError:  # EIO: every writer has closed the terminal
+                    break
+        return self.text
+
+
+def test_a_session_gets_its_record_and_private_xdg_dirs(
+    started: Started, caps: Capabilities
+) -> None:
+    from harness.session import Session
+
+    plan = isolate.plan("pid", capabilities=caps)
+    with Session("iso-test") as session:
+        script = (
+            "import os; print(os.environ['XDG_RUNTIME_DIR']); "
+            "print(os.environ['XDG_CACHE_HOME'])"
+        )
+        argv = plan.wrap([sys.executable, "-c", script], session)
+        proc = subprocess.Popen(
+            argv, env=session.env(), stdout=subprocess.PIPE, text=True
+        )
+        started.procs.append(proc)
+        started.plans.append(plan)
+        namespaces = plan.started(proc, session)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        assert out.split() == [str(session.bindspace), str(session.bindspace / "cache")]
+        assert namespaces is not None
+        assert session.record.netns == namespaces.netns
+        assert session.record.pidns == namespaces.pidns
+        assert session.record.isolate == ["net", "pid"]
+        assert plan.teardown(session) == []
