@@ -291,7 +291,10 @@ def _check_size(size: int, *, name: str) -> None:
 # first, which bounds the text (depth, digits, sign runs), rejects code with a
 # message that says where it is, and only then lets the parser see it.
 
-_ESCAPE: Final = r"""\\[\\'"abfnrtv0-7xuUN]"""
+# The escapes repr() writes, plus \" and \N{...}: none of them warns. Octal
+# escapes above \377 do (a DeprecationWarning), so they take the slow path,
+# where a warning is an error.
+_ESCAPE: Final = r"""\\[\\'"nrtxuUN]"""
 # Written as "run of plain characters, then (escape, run)*" rather than
 # "(character | escape)*": the same strings, matched several times faster.
 _STRING: Final = (

@@ -136,6 +136,7 @@ HOSTILE = [
     Hostile("complex", "{'x': 1+2j}", "the operator '+'"),
     Hostile("ellipsis", "{'x': ...}", "the operator '.'"),
     Hostile("invalid-escape", "{'session': 'C:\\q'}", "invalid escape sequence"),
+    Hostile("octal-escape", "{'session': '\\555'}", "invalid octal escape sequence"),
     Hostile("non-ascii-name", "{'x': ℘}", "the character '℘' outside a string"),
 ]
 
@@ -144,6 +145,7 @@ def _text(case: Hostile, marker: Path) -> str:
     return case.text.replace(MARKER, str(marker))
 
 
+@pytest.mark.filterwarnings("error")
 @pytest.mark.parametrize("case", HOSTILE, ids=[case.id for case in HOSTILE])
 def test_hostile_input_is_a_clear_rtvars_error(case: Hostile, tmp_path: Path) -> None:
     marker = tmp_path / "MARKER"
@@ -277,6 +279,7 @@ def _only_rtvars_errors(text: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error")
 @given(st.text() | st.lists(st.sampled_from(PIECES), max_size=200).map("".join))
 @settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
 def test_fuzz_arbitrary_text_raises_nothing_but_rtvars_error(text: str) -> None:
@@ -284,6 +287,7 @@ def test_fuzz_arbitrary_text_raises_nothing_but_rtvars_error(text: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error")
 @given(mutated_envelopes())
 @settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
 def test_fuzz_mutated_envelopes_raise_nothing_but_rtvars_error(text: str) -> None:
