@@ -56,26 +56,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from filelock import lock_descriptor, unlock_descriptor
+
 from harness.errors import HarnessError
-
-try:
-    from filelock import lock_descriptor, unlock_descriptor
-except ImportError:  # filelock < 3.30: the same flock, called directly
-
-    def lock_descriptor(
-        fd: int, *, blocking: bool = True, poll_interval: float = 0.05
-    ) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        return True
-
-    def unlock_descriptor(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
 
 log = logging.getLogger("harness.ports")
 
