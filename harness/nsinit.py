@@ -44,7 +44,6 @@ writing ``error.json`` and a message on stderr.
 
 from __future__ import annotations
 
-import _signal as signal
 import _socket
 import errno
 import fcntl
@@ -54,8 +53,11 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal
     from collections.abc import Sequence
     from typing import Any, NoReturn
+else:
+    import _signal as signal
 
 #: The harness's own "could not do its job" status (`exit_codes.HARNESS_ERROR`);
 #: repeated here because this script may import nothing from the package.
