@@ -31,9 +31,8 @@ virtualenv mid-run. So the sessions are registered with ``venv_backend=
   using right now, is shared rather than rebuilt.
 
 The kernel drops a killed process's lock, so a crashed run never blocks the
-next. Run folders are per run (``<run-id>`` is time and pid), so reports
-never overwrite each other; ``reports/<session>/latest`` points at the
-newest.
+next. Run folders are per run (``<run-id>`` is time and pid, so they sort by
+time), and reports never overwrite each other.
 """
 
 from __future__ import annotations
@@ -152,19 +151,16 @@ def run_cell(session: nox.Session, config: HarnessConfig, cell: Cell) -> None:
         )
         env = venv.env() if venv is not None else {}
         session.log(f"Reports of this run go to {run_dir}")
-        try:
-            session.run(
-                sys.executable,
-                "-m",
-                "harness",
-                *exec_args,
-                "--",
-                *command,
-                external=True,
-                env=env,
-            )
-        finally:
-            _point_latest(run_dir)
+        session.run(
+            sys.executable,
+            "-m",
+            "harness",
+            *exec_args,
+            "--",
+            *command,
+            external=True,
+            env=env,
+        )
 
 
 def build_command(
@@ -232,9 +228,9 @@ def build_exec_args(
 def make_run_dir(session_reports: Path) -> Path:
     """Create ``<session_reports>/<run-id>/``, unique to this run.
 
-    The run id is the local time and the pid (``20261203-163012-4242``); two
-    runs started in the same second differ by pid, and a folder that exists
-    already is never reused.
+    The run id is the local time and the pid (``20261203-163012-4242``), so
+    run folders sort by time; two runs started in the same second differ by
+    pid, and a folder that exists already is never reused.
     """
     session_reports.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -251,17 +247,6 @@ def make_run_dir(session_reports: Path) -> Path:
         "are taken; remove old runs"
     )
     raise HarnessError(msg)
-
-
-def _point_latest(run_dir: Path) -> None:
-    # Replace the link atomically: a reader sees the old run or the new one.
-    latest = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest.{os.getpid()}"
-    with contextlib.suppress(OSError):
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        tmp.symlink_to(run_dir.name)
-        os.replace(tmp, latest)
 
 
 # ------------------------------------------------------------- nox's options
