@@ -82,15 +82,17 @@ def build_hooks(options: RunOptions) -> RunHooks:
 
         if state.hang is not None:
             status = exit_codes.HUNG
+        helpers = state.isolation.helper_pids() if state.isolation else ()
         settlement = settle_leaks(
             session.record,
             options.leaks,
             options.report,
             command_status=status,
+            exclude_pids=helpers,
         )
-        if state.isolation is not None:
-            state.isolation.teardown(session)
         session.leaks = settlement
+        if state.isolation is not None:
+            _tear_down(state.isolation, session, settlement)
         if settlement.report_path:
             session.update_record(report_path=settlement.report_path)
         return settlement.exit_status
@@ -105,6 +107,31 @@ def build_hooks(options: RunOptions) -> RunHooks:
         watch=watch,
         after_exit=after_exit,
     )
+
+
+def _tear_down(isolation: Any, session: Session, settlement: Any) -> None:
+    """End the session's namespaces after the leak check, and say what died.
+
+    The leak check has reported first; at level ``pid`` the teardown then
+    kills whatever is left in the namespace. The exit status keeps the leak
+    check's verdict, but what is left on disk is counted again, so a session
+    whose only leftovers died with its namespace closes clean.
+    """
+    from harness.leaks import check_leaks
+
+    ended = isolation.teardown(session)
+    if ended:
+        lines = "\n".join(f"  {process}" for process in ended)
+        print(
+            f"harness exec: ending the pid namespace of session {session.id} "
+            f"killed {len(ended)} process(es):\n{lines}",
+            file=sys.stderr,
+            flush=True,
+        )
+    if settlement.leak_count:
+        again = check_leaks(session.record, exclude_pids=isolation.helper_pids())
+        settlement.leak_count = again.leak_count
+        settlement.keep_evidence = again.leak_count > 0
 
 
 def _on_hang(
