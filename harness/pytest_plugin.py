@@ -169,7 +169,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
     try:
         flags = _flag_values(config, state)
-        if not present and mode == "auto" and not _is_xdist_worker(config):
+        if (
+            not present
+            and mode == "auto"
+            and not _is_xdist_worker(config)
+            and not _only_informs(config)
+        ):
             _open_standalone(config, state, flags)
         elif present:
             _apply_flags(state, flags)
@@ -231,7 +236,20 @@ def _apply_flags(state: PluginState, flags: dict[str, str]) -> None:
 
 
 def _is_xdist_worker(config: pytest.Config) -> bool:
+    # pytest-xdist's workers inherit the controller's envelope; this is for
+    # the unusual worker started without it.
     return hasattr(config, "workerinput")
+
+
+def _only_informs(config: pytest.Config) -> bool:
+    """``--help``, ``--version`` and friends run no test: no session."""
+    option = config.option
+    return bool(
+        getattr(option, "help", False)
+        or getattr(option, "version", False)
+        or getattr(option, "showfixtures", False)
+        or getattr(option, "markers", False)
+    )
 
 
 def _open_standalone(
