@@ -52,7 +52,8 @@ _PYTHON = re.compile(r"^[A-Za-z0-9_.]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 LeaksMode = Literal["auto", "fail", "warn", "reap"]
-IsolateMode = Literal["none", "net", "pid", "auto"]
+#: What ``harness exec --isolate`` takes; several join with commas.
+ISOLATE_LEVELS: Final = ("none", "net", "pid", "auto")
 
 
 class Exclusion(
@@ -113,8 +114,9 @@ class HarnessConfig(
     leaks: LeaksMode = "auto"
     """``harness exec --leaks``; ``auto`` is ``fail`` when ``$CI`` is set and
     ``warn`` otherwise."""
-    isolate: IsolateMode = "none"
-    """``harness exec --isolate``; ``none`` leaves the namespaces alone."""
+    isolate: str = "none"
+    """``harness exec --isolate``: ``none``, ``net``, ``pid``, ``auto``, or
+    several joined with commas (``"net,pid"``)."""
     timeout: float | None = None
     """``harness exec --timeout``: wall-clock limit in seconds."""
     silence: float | None = None
@@ -277,6 +279,13 @@ def _finish(config: HarnessConfig, where: str | None) -> HarnessConfig:
         fail("envelope-name", config.envelope_name, "use an environment variable name")
     if not _NAME.match(config.bindspace_name):
         fail("bindspace-name", config.bindspace_name, "use a plain folder name")
+    levels = [level.strip() for level in config.isolate.split(",")]
+    if not all(level in ISOLATE_LEVELS for level in levels):
+        fail(
+            "isolate",
+            config.isolate,
+            f"use {', '.join(ISOLATE_LEVELS)}, or several joined with commas",
+        )
     for key, limit in (("timeout", config.timeout), ("silence", config.silence)):
         if limit is not None and not limit > 0:
             fail(key, limit, "give a number of seconds above 0, or leave it out")

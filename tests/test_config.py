@@ -65,7 +65,7 @@ bindspace-name = "myrt"
 junit-xml = false
 reports-dir = "out"
 leaks = "reap"
-isolate = "net"
+isolate = "net,pid"
 timeout = 600
 silence = 12.5
 install = ["-e", ".[test]"]
@@ -83,7 +83,7 @@ exclude = [{python = "3.12", reason = "no AF_UNIX"}]
     assert config.reports_dir == "out"
     assert config.timeout == 600.0
     assert config.silence == 12.5
-    assert config.isolate == "net"
+    assert config.isolate == "net,pid"
     assert config.install == ["-e", ".[test]"]
     assert config.exclude[0].python == "3.12"
     assert config.exclude[0].reason == "no AF_UNIX"
@@ -117,6 +117,7 @@ def test_every_key_is_documented() -> None:
         ({"backends": ["trio", 3]}, ["backends[1]", "3", "Expected `str`"]),
         ({"timeout": "ten"}, ["timeout", "'ten'"]),
         ({"leaks": "loud"}, ["leaks", "'loud'"]),
+        ({"isolate": "net,user"}, ["isolate", "'net,user'", "commas"]),
         ({"junit-xml": "yes"}, ["junit-xml", "'yes'"]),
         # Values types cannot catch.
         ({"backends": []}, ["backends", "at least one"]),
