@@ -151,6 +151,74 @@ def test_everything_dump_writes_takes_the_fast_path(
     assert _REPR_TEXT.fullmatch(text), text
 
 
+def _as_lists(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_as_lists(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _as_lists(item) for key, item in value.items()}
+    return value
+
+
+def _both_routes(text: str) -> tuple[Any, Any]:
+    """Decode *text* the fast way and the exact way: (result or error message)."""
+    from harness.rtvars import _decode_plain
+
+    results = []
+    for keep_tuples in (False, True):
+        try:
+            data, rtvars = _decode_plain(
+                text, name=RT_VARS_ENV, keep_tuples=keep_tuples
+            )
+            results.append((_as_lists(data), rtvars))
+        except RtVarsError as exc:
+            results.append(str(exc))
+    return results[0], results[1]
+
+
+@given(
+    rtvars=runtime_vars, extras=st.dictionaries(unknown_keys, plain_values, max_size=4)
+)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_the_json_route_decodes_like_literal_eval(
+    rtvars: RuntimeVars, extras: dict[str, Any]
+) -> None:
+    fast, exact = _both_routes(encode_rtvars({**rtvars.to_dict(), **extras}))
+    assert fast == exact
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{'session': ('s')}",  # (x) is x, not a tuple
+        "{'_enable_tpts': ('tcp')}",  # and JSON would make it a list
+        "{'_root_mailbox': ()}",
+        "{'_registry_addrs': [('h', 1),]}",
+        "{'x': {1, 2}}",
+        "{'x': {1: 2}}",
+        "{'x': ((1, 2), 3)}",
+        "{'session': 'a\tb'}",
+        "{'session': 'None True (x)'}",
+        "{'diag_on_hang': 1e+999}",
+        "{'diag_on_hang': 01}",
+        "{'session': 's', 'session': 't'}",
+        "['a', 1]",
+        "'text'",
+        "{'x': " + "[" * 33 + "]" * 33 + "}",
+        "{'x': " + "[" * 201 + "]" * 201 + "}",
+    ],
+)
+def test_the_json_route_agrees_on_edge_cases(text: str) -> None:
+    fast, exact = _both_routes(text)
+    assert fast == exact
+
+
+def test_the_usual_envelope_takes_the_json_route() -> None:
+    from harness.rtvars import _parse_as_json
+
+    text = encode_rtvars(SESSION_RTVARS)
+    assert _parse_as_json(text) == _as_lists(ast.literal_eval(text))
+
+
 def test_an_unknown_key_with_a_lone_surrogate_round_trips() -> None:
     text = encode_rtvars({"session": "s", "\udcff": ("\ud800",)})
     assert text == "{'session': 's', '\\udcff': ('\\ud800',)}"

@@ -14,6 +14,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -24,6 +25,7 @@ from harness.errors import RtVarsError
 from harness.rtvars import (
     RT_VARS_ENV,
     RuntimeVars,
+    _decode_plain,
     decode_rtvars,
     encode_rtvars,
     get_rtvars,
@@ -272,8 +274,27 @@ def mutated_envelopes(draw: st.DrawFn) -> str:
     return text
 
 
+def _as_lists(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_as_lists(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _as_lists(item) for key, item in value.items()}
+    return value
+
+
 def _only_rtvars_errors(text: str) -> None:
-    # Anything but an RtVarsError escapes and fails the test.
+    # Anything but an RtVarsError escapes and fails the test; and the fast
+    # (JSON) and exact (literal_eval) ways of reading must agree.
+    results = []
+    for keep_tuples in (False, True):
+        try:
+            data, rtvars = _decode_plain(
+                text, name=RT_VARS_ENV, keep_tuples=keep_tuples
+            )
+            results.append((_as_lists(data), rtvars))
+        except RtVarsError as exc:
+            results.append(str(exc))
+    assert results[0] == results[1]
     with contextlib.suppress(RtVarsError):
         load_rtvars({RT_VARS_ENV: text})
 
