@@ -4,15 +4,19 @@ bare ``pytest`` runs.
 Loaded through the ``pytest11`` entry point; ``-p no:harness`` turns it off.
 
 Inside a harness session (``harness exec``, the nox sessions) it reads the
-envelope at start-up and serves it as fixtures: `rtvars`, `reg_addr`,
-`bindspace`, `spawn_backend`, `tpt_proto` and `session_id`.
+envelope at start-up and serves it as fixtures: `rtvars`, `bindspace` and
+`session_id`, and `reg_addr`, `spawn_backend` and `tpt_proto` unless
+another plugin (tractor's) already serves those (see
+`harness.pytest_fixtures`).
 
 Without an envelope, plain ``pytest`` opens a session of its own, owned by
-the pytest process: it exports the envelope (and the session's
-``XDG_RUNTIME_DIR``) into ``os.environ`` so every child inherits it, and at
-the end checks for leaks and shows them in the terminal summary (warn only:
-nothing is killed, the exit status stands). ``--harness-session=no`` (or the
-ini option ``harness_session = no``) turns that off.
+the pytest process: it exports the envelope into ``os.environ`` so every
+child inherits it, and at the end checks for leaks and shows them in the
+terminal summary (warn only: nothing is killed, the exit status stands).
+Unlike ``harness exec`` it leaves ``XDG_RUNTIME_DIR`` alone: the run's
+modules have already computed their socket folders from it.
+``--harness-session=no`` (or the ini option ``harness_session = no``) turns
+that off.
 
 ``--spawn-backend`` and ``--tpt-proto``: tractor's own pytest plugin defines
 them, as may a project's conftest.py. This plugin adds them only when nobody
@@ -207,12 +211,26 @@ def _flag_values(config: pytest.Config, state: PluginState) -> dict[str, str]:
     """The flags given on the command line or in addopts, by envelope field."""
     given: dict[str, str] = {}
     for option, dest, _default in FLAGS:
-        value = config.getoption(option, default=None)
+        value = _option_value(config, option)
         if value is not None and (
             option in state.own_flags or _given(state.args, option)
         ):
-            given[dest] = str(value)
+            given[dest] = value
     return given
+
+
+def _option_value(config: pytest.Config, option: str) -> str | None:
+    """*option*'s value as one string, whoever defined it.
+
+    tractor's plugin defines ``--tpt-proto`` with ``nargs='+'`` (a list, of
+    which its suite supports one); a session has one transport, the first.
+    """
+    value = config.getoption(option, default=None)
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    if value is None:
+        return None
+    return str(value).strip("'\"")
 
 
 def _apply_flags(state: PluginState, flags: dict[str, str]) -> None:
@@ -271,16 +289,26 @@ def _open_standalone(
     session.open()
     state.session = session
     for name, value in session.env(base={}).items():
+        # XDG_RUNTIME_DIR is left alone: the target (tractor, through
+        # platformdirs) computed its socket folder when it was imported,
+        # before this hook; changing it now would split the run between two
+        # folders, the parent's and its children's. `harness exec` sets it
+        # before the process starts, where it is safe.
+        if name in _NOT_EXPORTED_IN_PROCESS:
+            continue
         _save_env(state, name)
         os.environ[name] = value
     log.info("Opened harness session %s for this pytest run.", session.id)
 
 
+#: Variables of the session environment a running pytest must not change.
+_NOT_EXPORTED_IN_PROCESS: Final = frozenset({"XDG_RUNTIME_DIR", "XDG_CACHE_HOME"})
+
+
 def _option_default(config: pytest.Config, option: str) -> str | None:
     # Another plugin's flag (tractor's) has its own default; it is what the
     # run uses when the flag is not given, so the session agrees with it.
-    value = config.getoption(option, default=None)
-    return str(value) if value is not None else None
+    return _option_value(config, option)
 
 
 def _save_env(state: PluginState, name: str) -> None:
@@ -301,6 +329,33 @@ def _enable_stack_dumps(
         state.stacks_file = faulthandler_hook.enable(envelope, signum=signum)
     except HarnessError as exc:
         raise pytest.UsageError(f"harness: {exc}") from None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Every plugin is registered by now (conftest files come later and
+    # override plugin fixtures anyway): serve the tractor-named fixtures
+    # only if no other plugin does.
+    from harness import pytest_fixtures
+
+    manager = session.config.pluginmanager
+    if manager.has_plugin("harness-fixtures"):
+        return
+    taken = [name for name in pytest_fixtures.NAMES if _fixture_exists(session, name)]
+    if taken:
+        log.debug("Other plugins serve %s; the harness leaves them be.", taken)
+        return
+    manager.register(pytest_fixtures, "harness-fixtures")
+
+
+def _fixture_exists(session: pytest.Session, name: str) -> bool:
+    manager = getattr(session, "_fixturemanager", None)
+    if manager is None:
+        return False
+    try:
+        return bool(manager.getfixturedefs(name, session))
+    except (TypeError, AttributeError):  # a pytest whose lookup differs
+        return False
 
 
 # --------------------------------------------------------------- reporting
@@ -332,11 +387,32 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         from harness.leaks import check_leaks
     except ImportError:  # an older harness: close() counts socket files
         return
-    state.leaks = check_leaks(state.session.record)
+    state.leaks = check_leaks(
+        state.session.record, exclude_pids=_multiprocessing_helpers()
+    )
     buffer = io.StringIO()
     console = make_console(buffer)
     render_report(state.leaks, console)
     state.leak_text = buffer.getvalue()
+
+
+def _multiprocessing_helpers() -> list[int]:
+    """Pids of this process's multiprocessing forkserver and resource tracker.
+
+    They are started on first use and end when this process exits, after
+    the leak check: they are the run's machinery, not leaks.
+    """
+    pids: list[int] = []
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    tracker = sys.modules.get("multiprocessing.resource_tracker")
+    for module, holder, attr in (
+        (forkserver, "_forkserver", "_forkserver_pid"),
+        (tracker, "_resource_tracker", "_pid"),
+    ):
+        pid = getattr(getattr(module, holder, None), attr, None)
+        if isinstance(pid, int) and pid > 0:
+            pids.append(pid)
+    return pids
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -407,19 +483,6 @@ def session_id(rtvars: RuntimeVars) -> str:
 
 
 @pytest.fixture(scope="session")
-def reg_addr(rtvars: RuntimeVars, session_id: str) -> tuple[str, int | str]:
-    """The session's registry address: ``(host, port)`` for tcp, ``(folder,
-    file name)`` for uds."""
-    if not rtvars._registry_addrs:
-        pytest.fail(
-            f"the envelope of session {session_id!r} has no registry address",
-            pytrace=False,
-        )
-    host, port = rtvars._registry_addrs[0]
-    return (host, port)
-
-
-@pytest.fixture(scope="session")
 def bindspace(rtvars: RuntimeVars, session_id: str) -> Path:
     """The session's private folder for socket files."""
     if not rtvars.bindspace:
@@ -428,15 +491,3 @@ def bindspace(rtvars: RuntimeVars, session_id: str) -> Path:
             pytrace=False,
         )
     return Path(rtvars.bindspace)
-
-
-@pytest.fixture(scope="session")
-def spawn_backend(request: pytest.FixtureRequest) -> str:
-    """The spawn backend: ``--spawn-backend``, else the envelope's, else trio."""
-    return _state(request).values["spawn_backend"]
-
-
-@pytest.fixture(scope="session")
-def tpt_proto(request: pytest.FixtureRequest) -> str:
-    """The transport: ``--tpt-proto``, else the envelope's, else tcp."""
-    return _state(request).values["tpt_proto"]
