@@ -8,7 +8,10 @@ gathers all of it into a `LegReport`, which knows the leg's verdict.
 
 Files older than the leg's start are not counted: a dry run on a developer's
 machine reuses the same folders, and a report left by yesterday's run must
-not pass for today's. They are listed as ``stale`` instead, never deleted.
+not pass for today's. The nox sessions write each run into a folder of its
+own, ``<session>/<run-id>/`` (``YYYYMMDD-HHMMSS-<pid>``); only the newest
+run folder counts, even when an earlier run finished within the same
+seconds. Files that do not count are listed as ``stale``, never deleted.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,9 @@ NOX_LOG_FILE: Final = "nox.log"
 #: A report this many seconds older than the leg's start still counts: file
 #: systems round modification times (1 s on some macOS volumes, 2 s on FAT).
 MTIME_SLACK: Final = 2.0
+
+#: The name of a run folder, as `harness.nox_sessions` makes them.
+RUN_FOLDER: Final = re.compile(r"\d{8}-\d{6}-\d+")
 
 Verdict = Literal["passed", "leaked", "failed", "hung", "skipped", "not run"]
 
@@ -210,13 +217,16 @@ def read_leg(session: str, folders: Iterable[Path]) -> LegReport:
     for folder in folders:
         if not folder.is_dir():
             continue
+        newest = _newest_run_folder(folder)
         for path in sorted(folder.rglob("*")):
             if not path.is_file() or path.name in (LEG_FILE, NOX_REPORT_FILE):
                 continue
             is_report = path.suffix in (".xml", ".json") or _is_hang_dump(path)
             if not is_report:
                 continue
-            if started and path.stat().st_mtime < started - MTIME_SLACK:
+            run = _run_folder(folder, path)
+            older_run = newest is not None and run is not None and run != newest
+            if older_run or (started and path.stat().st_mtime < started - MTIME_SLACK):
                 stale.append(path)
                 continue
             if path.suffix == ".xml":
@@ -239,6 +249,27 @@ def read_leg(session: str, folders: Iterable[Path]) -> LegReport:
         stale=tuple(stale),
         problems=tuple(problems),
     )
+
+
+def _run_folder(folder: Path, path: Path) -> str | None:
+    """The run folder *path* lies in below *folder*, if any."""
+    for part in path.relative_to(folder).parts[:-1]:
+        if RUN_FOLDER.fullmatch(part):
+            return part
+    return None
+
+
+def _newest_run_folder(folder: Path) -> str | None:
+    """The name of the newest run folder anywhere below *folder*."""
+    runs = [p for p in folder.rglob("*") if p.is_dir() and RUN_FOLDER.fullmatch(p.name)]
+    if not runs:
+        return None
+
+    def key(path: Path) -> tuple[str, float]:
+        stamp = path.name.rsplit("-", 1)[0]
+        return stamp, path.stat().st_mtime
+
+    return max(runs, key=key).name
 
 
 def _is_hang_dump(path: Path) -> bool:

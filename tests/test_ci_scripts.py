@@ -486,7 +486,12 @@ def test_dry_run_runs_every_leg_and_writes_the_summary(
     assert dry_run.main(["--project", str(project), "--no-venv", "-s", "*trio*"]) == 0
     leg = read_leg("tests-trio-tcp", [project / "reports" / "tests-trio-tcp"])
     assert leg.passed == 2
-    assert len(leg.stale) == 1
+    # Every report of the first run (JUnit XML and leak report) is stale,
+    # and they all sit in one run folder, the older one.
+    assert {p.suffix for p in leg.stale} == {".xml", ".json"}
+    runs = sorted(p.name for p in (project / "reports" / "tests-trio-tcp").iterdir())
+    assert len(runs) == 2
+    assert {p.parent.name for p in leg.stale} == {runs[0]}
 
 
 def test_dry_run_list_and_bad_pattern(
