@@ -2,9 +2,11 @@
 
 The value of ``_TRACTOR_RT_VARS`` is the ``repr`` of a plain dict of builtins
 (``str``, ``int``, ``float``, ``bool``, ``None``, ``list``, ``tuple``,
-``dict``). It is decoded with `ast.literal_eval` and hydrated with
-`msgspec.convert`, so tuples survive the trip, the text stays readable in
-``/proc/<pid>/environ`` and a wrong type is an error that names the field.
+``dict``). It is decoded as a Python literal, never executed (with
+`ast.literal_eval`, or for the usual envelope an equivalent and faster JSON
+reading, see "Decoding" below) and hydrated with `msgspec.convert`, so tuples
+survive the trip, the text stays readable in ``/proc/<pid>/environ`` and a
+wrong type is an error that names the field.
 
 Because every child process inherits its parent's environment, one envelope
 set by the harness reaches every process of a session, including scripts the
