@@ -14,8 +14,9 @@ alone on the same text (the parser, the floor of this encoding), and a
 hand-written envelope that is not shaped like repr() output and so takes the
 slower, fully checked path.
 
-Figures are medians of per-call times over many rounds; the machine's noise
-shows in the spread column (the 90th percentile over the median).
+Figures are medians of per-call times over many rounds in which the rows take
+turns; the machine's noise shows in the spread column (the 90th percentile
+over the median).
 """
 
 from __future__ import annotations
@@ -62,15 +63,28 @@ HAND_WRITTEN = """{
 }"""
 
 
-def measure(call: Callable[[], Any], *, rounds: int, budget: float) -> list[float]:
-    """Per-call times in microseconds, one per round of *budget* seconds."""
+def calibrate(call: Callable[[], Any], budget: float) -> int:
+    """How many calls make one timing of at least *budget* seconds."""
     number = 1
     while timeit.timeit(call, number=number) < budget:
         number *= 2
-    return [
-        seconds / number * 1e6
-        for seconds in timeit.repeat(call, number=number, repeat=rounds)
-    ]
+    return number
+
+
+def measure(
+    calls: list[Callable[[], Any]], *, rounds: int, budget: float
+) -> list[list[float]]:
+    """Per-call times in microseconds: one list per call, one time per round.
+
+    The calls take turns within each round, so a burst of load from other
+    processes slows every row alike instead of one row by chance.
+    """
+    numbers = [calibrate(call, budget) for call in calls]
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for call, number, row in zip(calls, numbers, times, strict=True):
+            row.append(timeit.timeit(call, number=number) / number * 1e6)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="fewer, shorter rounds (a few seconds)"
     )
     args = parser.parse_args(argv)
-    rounds, budget = (7, 0.02) if args.quick else (31, 0.1)
+    rounds, budget = (9, 0.02) if args.quick else (41, 0.1)
 
     _, envelope_text = dump_rtvars(REALISTIC)
     env = {RT_VARS_ENV: envelope_text}
@@ -111,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         ("ast.literal_eval alone", "decode", lambda: ast.literal_eval(envelope_text)),
         ("envelope, hand-written", "decode", lambda: load_rtvars(hand_env)),
     ]
+    all_times = measure([call for _, _, call in rows], rounds=rounds, budget=budget)
     results = {}
-    for what, direction, call in rows:
-        times = measure(call, rounds=rounds, budget=budget)
+    for (what, direction, _), times in zip(rows, all_times, strict=True):
         results[what, direction] = (
             statistics.median(times),
             statistics.quantiles(times, n=10)[-1] / statistics.median(times),
