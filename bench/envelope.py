@@ -149,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("direction")
     table.add_column("median µs", justify="right")
     table.add_column("spread p90/p50", justify="right")
-    table.add_column("envelope decode ÷ this", justify="right")
+    table.add_column("speed vs envelope decode", justify="right")
     for (what, direction), (median, spread) in results.items():
-        ratio = f"{envelope_decode / median:.1f}x" if direction == "decode" else ""
+        ratio = ""
+        if direction == "decode" and what != "envelope":
+            factor = envelope_decode / median
+            ratio = f"{factor:.1f}x" if factor >= 1 else f"1/{1 / factor:.1f}"
         table.add_row(what, direction, f"{median:.1f}", f"{spread:.2f}", ratio)
     console = Console()
     console.print(table)
