@@ -164,11 +164,12 @@ def settle_leaks(
 
 
 def _summarize(settlement: Settlement, stream: IO[str]) -> None:
-    console = make_console(stream)
     report = settlement.report
     if not report.leaked and settlement.reap is None:
         log.info("Session %s left nothing behind.", settlement.session)
         return
+    # Only now: rendering needs rich, which a clean session never pays for.
+    console = make_console(stream)
     if settlement.reap is not None:
         render_reap(settlement.reap, console)
     else:
