@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -96,4 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_codes.HARNESS_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `harness sessions | head`: the reader left. Point stdout at
+        # /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE, as a shell reports it
     return status
