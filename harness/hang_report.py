@@ -17,7 +17,6 @@ snapshot, write. ``harness dump`` uses the same pieces on a live session.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from harness.atomic_write import write_atomic
 from harness.errors import HarnessError
 from harness.stacks import ProcessStacks, Target, ThreadStack, capture_stacks
 from harness.watchdog import HangEvent
@@ -326,14 +326,9 @@ def write_hang_report(path: Path, text: str) -> Path:
 
     Raises `HarnessError` naming the path when it cannot be written.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, text.encode("utf-8"))
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         msg = (
             f"cannot write the hang report {str(path)!r}: {exc.strerror}; pass "
             "--report with a writable folder, or run from one"

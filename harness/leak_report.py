@@ -8,7 +8,6 @@ half a report. The same functions serve ``harness check``, ``harness ps``,
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
 
+from harness.atomic_write import write_atomic
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
@@ -60,19 +60,9 @@ def write_report(path: str | os.PathLike[str], value: Any) -> Path:
     Raises `HarnessError` naming the path when it cannot be written.
     """
     final = Path(path).absolute()
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        try:
-            os.write(fd, to_json(value))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+        write_atomic(final, to_json(value))
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         msg = (
             f"cannot write the leak report to {str(final)!r}: {exc.strerror}; "
             "pass a --report path in a writable folder"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -26,6 +25,7 @@ from typing import Literal
 import msgspec
 import psutil
 
+from harness.atomic_write import write_atomic
 from harness.errors import HarnessError
 from harness.rtvars import RT_VARS_ENV
 from harness.runtime_dir import ensure_private_dir, harness_state_dir
@@ -101,36 +101,17 @@ class SessionStore:
     def write(self, record: SessionRecord) -> Path:
         """Write *record* atomically (temp file, fsync, rename)."""
         final = self.path(record.id)
-        tmp = self.dir / f".{record.id}.{os.getpid()}.tmp"
         data = msgspec.json.format(msgspec.json.encode(record), indent=2)
         log.debug("Writing session record %s.", final)
         try:
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
-            )
-            try:
-                os.write(fd, data + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
+            return write_atomic(final, data + b"\n", mode=0o600)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             msg = (
                 f"cannot write the session record {str(final)!r}: "
                 f"{exc.strerror}; check that the runtime dir is writable and "
                 "not full (or set $HARNESS_RUNTIME_DIR)"
             )
             raise HarnessError(msg) from None
-        # fsync the folder too, so the rename survives a crash of the host.
-        with contextlib.suppress(OSError):
-            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        return final
 
     def read(self, session_id: str) -> SessionRecord:
         """The record of *session_id*; `HarnessError` if there is none."""
