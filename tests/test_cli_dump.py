@@ -16,6 +16,7 @@ import pytest
 
 from harness import exit_codes
 from harness.records import SessionStore
+from harness.stacks import find_py_spy
 
 SCRIPT = textwrap.dedent(
     """
@@ -102,6 +103,7 @@ def live(tmp_path: Path, runtime_dir: Path) -> Iterator[Live]:
         owner.wait(timeout=10)
 
 
+@pytest.mark.skipif(find_py_spy() is None, reason="py-spy is not installed here")
 def test_dump_writes_every_process_stack_and_kills_nothing(
     live: Live, tmp_path: Path
 ) -> None:

@@ -298,6 +298,7 @@ def test_exited_process_is_reported_not_raised() -> None:
     assert "exited" in (stacks.error or "")
 
 
+@needs_py_spy
 def test_non_python_process_is_named_as_such(tmp_path: Path) -> None:
     sleep = shutil.which("sleep")
     if sleep is None:
