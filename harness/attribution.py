@@ -270,6 +270,14 @@ def attribute(
             for how in ways:
                 skip(pid, f"carries the envelope of session {other!r}", how)
             continue
+        # A process older than the session cannot be one of its processes,
+        # whatever it holds: a program outside the harness that bound the
+        # leased port after the lease's probe is a collision to report, not
+        # a leak to reap.
+        if holder.create_time < record.started_at - CREATE_TIME_TOLERANCE:
+            for how in ways:
+                skip(pid, "started before the session opened", how)
+            continue
         found.setdefault(pid, set()).update(ways)
 
     # (a) descendants of the owner and of every process found so far.

@@ -130,6 +130,29 @@ class SessionStore:
             msg = f"the session record {str(path)!r} is unreadable: {exc}"
             raise HarnessError(msg) from None
 
+    def remove_dead_writers_temp_files(self) -> list[Path]:
+        """Remove temp files whose writer died before renaming them.
+
+        `write` names its temp file ``.<id>.<pid>.tmp``; a writer killed
+        between creating and renaming it leaves the file behind, and no
+        reader ever looks at it. A file whose pid no longer runs is removed;
+        one whose pid runs (the writer, or a process that got its pid) is
+        left for a later call. Returns the files removed.
+        """
+        removed = []
+        for path in self.dir.glob(".*.tmp"):
+            try:
+                pid = int(path.name[: -len(".tmp")].rsplit(".", 1)[1])
+            except (IndexError, ValueError):
+                continue  # not a name `write` makes
+            if psutil.pid_exists(pid):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+                log.info("Removed %s, left by a writer that died (pid %d).", path, pid)
+        return removed
+
     def remove(self, session_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(session_id).unlink()

@@ -479,6 +479,7 @@ def prune_sessions(
 ) -> list[PruneAction]:
     """Clear stale sessions that left nothing behind; report the rest.
 
+    Temp files of record writers that died before renaming them go first.
     A stale session (owner gone without closing) whose bindspace holds no
     file loses its bindspace and record; its lease already died with the
     owner. One whose bindspace still holds files is kept for the leak
@@ -488,6 +489,7 @@ def prune_sessions(
     """
     rt = runtime_dir if runtime_dir is not None else resolve_runtime_dir()
     store = SessionStore(rt)
+    store.remove_dead_writers_temp_files()
     actions: list[PruneAction] = []
     records = store.list()
     for record in records:
