@@ -53,6 +53,9 @@ LEAKING_DAEMON = textwrap.dedent(
     os.setsid()
     if os.fork():
         os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
     folder = os.path.join(os.environ["XDG_RUNTIME_DIR"], "tractor")
     os.makedirs(folder, exist_ok=True)
     s = socket.socket(socket.AF_UNIX)
@@ -376,7 +379,7 @@ class RecordWatcher(threading.Thread):
             time.sleep(0.002)
 
 
-def _kill_one(folder: Path, phase: str, rng: random.Random) -> subprocess.Popen[str]:
+def _kill_one(folder: Path, phase: str, rng: random.Random) -> subprocess.Popen[bytes]:
     """Start ``harness exec`` and SIGKILL it in *phase*: ``opening`` (lease,
     bindspace, record), ``running`` (the command runs) or ``checking`` (the
     command has exited; the leak check runs)."""
@@ -397,8 +400,8 @@ def _kill_one(folder: Path, phase: str, rng: random.Random) -> subprocess.Popen[
             f"{rng.uniform(0.0, 0.3):.3f}",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        # A file, not a pipe: the orphaned command keeps its copy open.
+        stderr=(folder / "stderr").open("w"),
     )
     if phase == "opening":
         time.sleep(rng.uniform(0.0, 0.6))
@@ -430,7 +433,7 @@ def test_sigkilled_owners_at_random_points_leave_a_host_reap_and_prune_restore(
             folder = tmp_path / f"s{index}"
             folder.mkdir()
             owner = _kill_one(folder, phase, rng)
-            no_traceback(owner.stderr.read() if owner.stderr else "")
+            no_traceback((folder / "stderr").read_text())
             outcomes.append(phase if owner.returncode == -signal.SIGKILL else "ended")
 
         # Commands outlive their killed owner; let them finish on their own.
@@ -528,13 +531,12 @@ def test_32_concurrent_sessions_half_leaking_are_told_apart(
                     LEAKING_DAEMON,
                 ],
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
+                stderr=(folder / "stderr").open("w"),
             )
         )
     statuses = [owner.wait(timeout=300) for owner in owners]
-    for owner in owners:
-        no_traceback(owner.stderr.read() if owner.stderr else "")
+    for folder in folders:
+        no_traceback((folder / "stderr").read_text())
 
     sessions = [json.loads((f / "session.json").read_text()) for f in folders]
     assert len({s["port"] for s in sessions}) == 32, "a port went to two sessions"
