@@ -270,13 +270,15 @@ def attribute(
             for how in ways:
                 skip(pid, f"carries the envelope of session {other!r}", how)
             continue
-        # A process older than the session cannot be one of its processes,
-        # whatever it holds: a program outside the harness that bound the
-        # leased port after the lease's probe is a collision to report, not
-        # a leak to reap.
-        if holder.create_time < record.started_at - CREATE_TIME_TOLERANCE:
+        # A process older than the session's owner cannot be one of the
+        # session's processes, whatever it holds: a program outside the
+        # harness that bound the leased port after the lease's probe is a
+        # collision to report, not a leak to reap. Both start times come from
+        # the same clock (boot time plus ticks), unlike the record's wall-clock
+        # ``started_at``.
+        if holder.create_time < record.owner_create_time - CREATE_TIME_TOLERANCE:
             for how in ways:
-                skip(pid, "started before the session opened", how)
+                skip(pid, "started before the session's owner", how)
             continue
         found.setdefault(pid, set()).update(ways)
 

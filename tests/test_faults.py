@@ -36,9 +36,8 @@ import pytest
 
 from harness.leaks import check_leaks
 from harness.ports import lease_port, port_is_leased
-from harness.reap import reap_session
 from harness.records import SessionRecord, SessionStore
-from harness.session import Session, prune_sessions
+from harness.session import prune_sessions
 
 PYTHON = sys.executable
 
@@ -132,13 +131,14 @@ def no_traceback(stderr: str) -> None:
 # ------------------------------------------------- a port taken by a stranger
 
 # Started before the session and outside its process tree (``setsid -f``):
-# waits for a port number in argv[1]/port, binds it, writes its pid to
-# argv[1]/listening, sleeps. A program outside the harness that binds a port
-# at the wrong moment.
+# writes argv[1]/ready, waits for a port number in argv[1]/port, binds it,
+# writes its pid to argv[1]/listening, sleeps. A program outside the harness
+# that binds a port at the wrong moment.
 STRANGER = textwrap.dedent(
     """
     import os, socket, sys, time
     folder = sys.argv[1]
+    open(os.path.join(folder, "ready"), "w").close()
     while not os.path.exists(os.path.join(folder, "port")):
         time.sleep(0.01)
     port = int(open(os.path.join(folder, "port")).read())
@@ -151,6 +151,21 @@ STRANGER = textwrap.dedent(
     os.rename(os.path.join(folder, "listening.tmp"), os.path.join(folder, "listening"))
     while True:
         time.sleep(60)
+    """
+)
+
+
+#: The session's command: hands its registry port to the stranger, waits
+#: until the stranger listens on it, exits 0.
+HAND_OVER = textwrap.dedent(
+    """
+    import os, sys, time
+    from harness.rtvars import load_rtvars
+    port = load_rtvars(os.environ)._registry_addrs[0][1]
+    with open(os.path.join(sys.argv[1], "port"), "w") as f:
+        f.write(str(port))
+    while not os.path.exists(os.path.join(sys.argv[1], "listening")):
+        time.sleep(0.01)
     """
 )
 
@@ -168,25 +183,43 @@ def test_a_stranger_on_the_leased_port_is_reported_and_never_reaped(
         },
         check=True,
     )
-    with Session("stolen") as session:
-        # Between the lease's probe and the registry's bind, the port goes
-        # to a program the session never started.
-        (tmp_path / "port").write_text(str(session.port))
-        wait_for((tmp_path / "listening").exists)
-        stranger = psutil.Process(int((tmp_path / "listening").read_text()))
-        assert stranger.create_time() < session.record.started_at
-
-        report = check_leaks(session.record)
-        assert [listener.pids for listener in report.listeners] == [[stranger.pid]]
-        assert stranger.pid not in [p.pid for p in report.processes]
-        skipped = {s.pid: s.reason for s in report.skipped}
-        assert skipped[stranger.pid] == "started before the session opened"
-
-        result = reap_session(session.record, grace=0.5)
+    # Older than the session by more than a clock tick, as a program
+    # already running on the host is.
+    wait_for((tmp_path / "ready").exists)
+    time.sleep(0.1)
+    # Between the lease's probe and the registry's bind, the port goes to a
+    # program the session never started; the leak mode is reap.
+    result = harness(
+        "exec",
+        "--leaks",
+        "reap",
+        "--report",
+        str(tmp_path / "leaks.json"),
+        "--",
+        PYTHON,
+        "-c",
+        HAND_OVER,
+        str(tmp_path),
+    )
+    stranger = psutil.Process(int((tmp_path / "listening").read_text()))
+    port = int((tmp_path / "port").read_text())
+    try:
+        no_traceback(result.stderr)
         assert stranger.is_running(), "the reap killed a stranger"
-        assert not result.clean  # its port is still taken: that is reported
-        session.close(leaks=report)
-    stranger.kill()
+        # The port is still taken when the session ends: a leak, said so.
+        assert result.returncode == 86, result.stderr
+        assert "left 1 port listener" in result.stderr
+        report = msgspec.json.decode((tmp_path / "leaks.json").read_bytes())
+        assert [(x["port"], x["pids"]) for x in report["report"]["listeners"]] == [
+            (port, [stranger.pid])
+        ]
+        assert report["report"]["processes"] == []
+        assert [s["pid"] for s in report["report"]["skipped"]] == [stranger.pid]
+        assert report["report"]["skipped"][0]["reason"] == (
+            "started before the session's owner"
+        )
+    finally:
+        stranger.kill()
 
 
 def test_a_port_range_held_by_a_stranger_is_a_clear_error(runtime_dir: Path) -> None:
