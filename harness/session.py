@@ -481,9 +481,10 @@ def prune_sessions(
 
     Temp files of record writers that died before renaming them go first.
     A stale session (owner gone without closing) whose bindspace holds no
-    file loses its bindspace and record; its lease already died with the
-    owner. One whose bindspace still holds files is kept for the leak
-    check. A bindspace without any record (its owner died while opening) is
+    file and none of whose processes still runs loses its bindspace and
+    record; its lease already died with the owner. One whose bindspace still
+    holds files, or whose processes still run, is kept for the leak check
+    and `harness reap`. A bindspace without any record (its owner died while opening) is
     treated the same once it is older than *grace* seconds. Live sessions
     and closed sessions that leaked are never touched.
     """
@@ -503,6 +504,21 @@ def prune_sessions(
                     bindspace,
                     "kept",
                     "its record names a bindspace outside this runtime dir",
+                    record.port,
+                )
+            )
+            continue
+        running = _running_processes(record)
+        if running:
+            # Its files may be gone, but its processes are not: the record is
+            # what `harness reap` needs to find them.
+            actions.append(
+                PruneAction(
+                    record.id,
+                    bindspace,
+                    "kept",
+                    f"{running} of its processes still run; `harness reap "
+                    f"{record.id}` ends them",
                     record.port,
                 )
             )
@@ -548,6 +564,13 @@ def orphan_bindspaces(
         for bindspace in list_bindspaces(root)
         if bindspace.name not in known and is_session_id(bindspace.name)
     ]
+
+
+def _running_processes(record: SessionRecord) -> int:
+    """How many live (not zombie) processes the leak check finds for *record*."""
+    from harness.leaks import check_leaks
+
+    return sum(1 for p in check_leaks(record).processes if not p.zombie)
 
 
 def _prune_one(session_id: str, bindspace: Path, port: int | None) -> PruneAction:

@@ -1,0 +1,42 @@
+"""Pruning keeps a stale session whose processes still run, files or not."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from leak_sessions import SessionFactory, wait_for
+
+from harness.records import SessionStore
+from harness.session import prune_sessions
+
+
+@pytest.fixture
+def sessions(runtime_dir: Path) -> Iterator[SessionFactory]:
+    factory = SessionFactory(runtime_dir)
+    yield factory
+    factory.cleanup()
+
+
+def test_stale_session_with_a_running_process_is_kept_until_it_ends(
+    sessions: SessionFactory, runtime_dir: Path
+) -> None:
+    stale = sessions("stale")  # its owner has exited; its bindspace is empty
+    sleeper = stale.python("import time; time.sleep(60)")
+    store = SessionStore(runtime_dir)
+
+    actions = {a.session_id: a for a in prune_sessions(runtime_dir)}
+    assert actions[stale.id].action == "kept"
+    assert "still run" in actions[stale.id].reason
+    assert f"harness reap {stale.id}" in actions[stale.id].reason
+    assert store.path(stale.id).exists()
+    assert stale.bindspace.exists()
+
+    sleeper.kill()
+    sleeper.wait()
+    wait_for(lambda: sleeper.poll() is not None)
+    actions = {a.session_id: a for a in prune_sessions(runtime_dir)}
+    assert actions[stale.id].action == "removed"
+    assert not store.path(stale.id).exists()
+    assert not stale.bindspace.exists()
