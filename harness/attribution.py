@@ -115,9 +115,9 @@ def scan_processes() -> ProcessTable:
             name=info["name"] or "?",
         )
     children: dict[int, list[int]] = {}
-    for info in procs.values():
-        if info.ppid != info.pid:
-            children.setdefault(info.ppid, []).append(info.pid)
+    for entry in procs.values():
+        if entry.ppid != entry.pid:
+            children.setdefault(entry.ppid, []).append(entry.pid)
     return ProcessTable(procs, children)
 
 

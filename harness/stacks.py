@@ -25,6 +25,7 @@ process that catches it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -425,11 +426,11 @@ def capture_process(
                 cmdline = ()
     except psutil.NoSuchProcess:
         return ProcessStacks(pid=pid, how=how, error="exited before the capture")
-    base = {"pid": pid, "how": how, "ppid": ppid, "cmdline": cmdline}
+    base = functools.partial(
+        ProcessStacks, pid=pid, how=how, ppid=ppid, cmdline=cmdline
+    )
     if status == psutil.STATUS_ZOMBIE:
-        return ProcessStacks(
-            **base, error="zombie: it exited and its parent has not reaped it yet"
-        )
+        return base(error="zombie: it exited and its parent has not reaped it yet")
 
     notes: list[str] = []
     spy = find_py_spy() if isinstance(py_spy, _Auto) else py_spy
@@ -447,7 +448,7 @@ def capture_process(
             except (ValueError, TypeError, AttributeError) as exc:
                 error = f"py-spy printed output that is not its JSON ({exc})"
             else:
-                return ProcessStacks(**base, method="py-spy", threads=threads, raw=out)
+                return base(method="py-spy", threads=threads, raw=out)
         notes.append(error)
 
     try:
@@ -463,11 +464,9 @@ def capture_process(
         timeout=min(timeout, 3.0),
     )
     if error is None:
-        return ProcessStacks(
-            **base, method="faulthandler", threads=threads, raw=raw, notes=tuple(notes)
-        )
+        return base(method="faulthandler", threads=threads, raw=raw, notes=tuple(notes))
     notes.append(error)
-    return ProcessStacks(**base, error="; ".join(notes), notes=tuple(notes))
+    return base(error="; ".join(notes), notes=tuple(notes))
 
 
 def _why_no_py_spy(requested: str | _Auto | None) -> str:
