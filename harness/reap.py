@@ -164,6 +164,21 @@ def _depths(targets: Sequence[LeakedProcess]) -> dict[int, int]:
     return depths
 
 
+def _outcome(
+    target: LeakedProcess, outcome: Outcome, **extra: str | None
+) -> ReapedProcess:
+    """What became of *target*, with the details a report shows."""
+    return ReapedProcess(
+        pid=target.pid,
+        create_time=target.create_time,
+        name=target.name,
+        cmdline=target.cmdline,
+        how=target.how,
+        outcome=outcome,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
 def terminate(
     targets: Sequence[LeakedProcess], grace: float = DEFAULT_GRACE
 ) -> list[ReapedProcess]:
@@ -177,15 +192,7 @@ def terminate(
     outcomes: dict[int, ReapedProcess] = {}
 
     def done(target: LeakedProcess, outcome: Outcome, **extra: str | None) -> None:
-        outcomes[target.pid] = ReapedProcess(
-            pid=target.pid,
-            create_time=target.create_time,
-            name=target.name,
-            cmdline=target.cmdline,
-            how=target.how,
-            outcome=outcome,
-            **extra,  # type: ignore[arg-type]
-        )
+        outcomes[target.pid] = _outcome(target, outcome, **extra)
 
     # Sort out first what cannot or need not be signalled.
     live: dict[int, tuple[LeakedProcess, psutil.Process]] = {}
@@ -349,25 +356,15 @@ def reap_session(
     for proc in report.processes:
         key = (proc.pid, proc.create_time)
         if proc.zombie and key not in results:
-            results[key] = ReapedProcess(
-                pid=proc.pid,
-                create_time=proc.create_time,
-                name=proc.name,
-                cmdline=proc.cmdline,
-                how=proc.how,
-                outcome="zombie",
-                note=f"dead; its parent {proc.ppid} collects it",
+            results[key] = _outcome(
+                proc, "zombie", note=f"dead; its parent {proc.ppid} collects it"
             )
         elif not proc.zombie and (
             key not in results or results[key].outcome != "survived"
         ):
-            results[key] = ReapedProcess(
-                pid=proc.pid,
-                create_time=proc.create_time,
-                name=proc.name,
-                cmdline=proc.cmdline,
-                how=proc.how,
-                outcome="survived",
+            results[key] = _outcome(
+                proc,
+                "survived",
                 signal=results[key].signal if key in results else None,
                 note="still there after the last round"
                 if key in results
