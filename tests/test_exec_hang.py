@@ -127,10 +127,8 @@ def test_hung_tree_is_reported_and_reaped(tmp_path: Path) -> None:
 
     # Nothing of the session is left running, the double-forked orphan
     # included (its pid was written before it blocked).
-    pids = [
-        int((ready / role).read_text())
-        for role in ready.iterdir() and ("spawn", "forkserver", "trio", "orphan")
-    ]
+    roles = ("spawn", "forkserver", "trio", "orphan")
+    pids = [int((ready / role).read_text()) for role in roles]
     alive = []
     for pid in pids:
         try:
