@@ -61,10 +61,13 @@ def build_hooks(options: RunOptions) -> RunHooks:
         return list(state.isolation.wrap(argv, session))
 
     def spawn_options(session: Session) -> dict[str, Any]:
+        rtvars = session.rtvars
+        if rtvars.diag_on_hang is None and rtvars.diag_silence is None:
+            return {}  # no limit: nothing to watch, and no watchdog to import
         from harness.watchdog import Watchdog
 
-        state.dog = Watchdog.from_rtvars(session.rtvars)
-        return state.dog.popen_kwargs() if state.dog.enabled else {}
+        state.dog = Watchdog.from_rtvars(rtvars)
+        return state.dog.popen_kwargs()
 
     def watch(
         proc: subprocess.Popen[bytes], session: Session

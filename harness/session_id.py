@@ -2,16 +2,17 @@
 
 The name part is what the user called the session (a nox session name such
 as ``tests-trio-tcp``), reduced to ``[A-Za-z0-9_.-]`` and shortened to fit a
-length budget; the suffix is 32 random bits from `secrets`. Uniqueness is not
-promised by the randomness alone: whoever creates the session makes its
+length budget; the suffix is 32 random bits from `os.urandom` (the source
+`secrets` uses, without the import cost of its hashing modules). Uniqueness
+is not promised by the randomness alone: whoever creates the session makes its
 bindspace with an exclusive ``mkdir`` and draws a new suffix when the folder
 already exists (see `harness.bindspace.create_bindspace`).
 """
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 from typing import Final
 
 #: Characters of the random suffix (hex digits).
@@ -49,7 +50,7 @@ def new_session_id(name: str, *, max_len: int | None = None) -> str:
     budget = MAX_NAME_LEN
     if max_len is not None:
         budget = min(budget, max_len - SUFFIX_LEN - 1)
-    return f"{sanitize_name(name, max_len=max(budget, 1))}-{secrets.token_hex(4)}"
+    return f"{sanitize_name(name, max_len=max(budget, 1))}-{os.urandom(4).hex()}"
 
 
 def is_session_id(text: str) -> bool:
