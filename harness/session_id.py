@@ -50,9 +50,14 @@ def new_session_id(name: str, *, max_len: int | None = None) -> str:
     budget = MAX_NAME_LEN
     if max_len is not None:
         budget = min(budget, max_len - SUFFIX_LEN - 1)
-    return f"{sanitize_name(name, max_len=max(budget, 1))}-{os.urandom(4).hex()}"
+    return f"{sanitize_name(name, max_len=max(budget, 1))}-{random_suffix()}"
 
 
 def is_session_id(text: str) -> bool:
     """Whether *text* has the shape of a session id."""
     return _SESSION_ID.match(text) is not None
+
+
+def random_suffix() -> str:
+    """`SUFFIX_LEN` random hex digits."""
+    return os.urandom(SUFFIX_LEN // 2).hex()

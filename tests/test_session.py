@@ -211,7 +211,7 @@ def test_a_taken_id_is_drawn_again(
     runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     suffixes = iter(["deadbeef", "deadbeef", "cafef00d"])
-    monkeypatch.setattr("secrets.token_hex", lambda n: next(suffixes))
+    monkeypatch.setattr("harness.session_id.random_suffix", lambda: next(suffixes))
     with Session("dup") as first, Session("dup", prune=False) as second:
         assert first.id == "dup-deadbeef"
         assert second.id == "dup-cafef00d"
