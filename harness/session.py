@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -566,6 +567,23 @@ def orphan_bindspaces(
     ]
 
 
+def _unused_stacks_file(path: Path) -> bool:
+    """An empty ``<bindspace>/stacks/<pid>.txt``: the harness's own stack-dump
+    file of a process that never dumped. It is no evidence of anything; a
+    file that holds stacks is kept like any other."""
+    from harness.faulthandler_hook import STACKS_DIRNAME
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    return (
+        path.parent.name == STACKS_DIRNAME
+        and stat.S_ISREG(st.st_mode)
+        and st.st_size == 0
+    )
+
+
 def _running_processes(record: SessionRecord) -> int:
     """How many live (not zombie) processes the leak check finds for *record*."""
     from harness.leaks import check_leaks
@@ -574,7 +592,7 @@ def _running_processes(record: SessionRecord) -> int:
 
 
 def _prune_one(session_id: str, bindspace: Path, port: int | None) -> PruneAction:
-    contents = bindspace_contents(bindspace)
+    contents = [p for p in bindspace_contents(bindspace) if not _unused_stacks_file(p)]
     if contents:
         return PruneAction(
             session_id,
