@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from leak_sessions import SessionFactory
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +45,12 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name == "_TRACTOR_RT_VARS":
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def sessions(runtime_dir: Path) -> Iterator[SessionFactory]:
+    """Hand-built sessions (records, bindspaces, real processes) in the
+    test's runtime dir; every process a test starts is killed afterwards."""
+    factory = SessionFactory(runtime_dir)
+    yield factory
+    factory.cleanup()

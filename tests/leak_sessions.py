@@ -39,6 +39,14 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def alive(pid: int) -> bool:
+    """Whether *pid* runs (a zombie does not count)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

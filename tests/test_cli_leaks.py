@@ -5,30 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from leak_sessions import SessionFactory
+from leak_sessions import SessionFactory, alive
 
 from harness import exit_codes
 from harness.cli import main
 from harness.records import SessionStore
-
-
-@pytest.fixture
-def sessions(runtime_dir: Path) -> Iterator[SessionFactory]:
-    factory = SessionFactory(runtime_dir)
-    yield factory
-    factory.cleanup()
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_check_reports_a_leak_and_exits_86(

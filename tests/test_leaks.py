@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -24,13 +23,6 @@ from harness.attribution import ProcessTable, ProcInfo, attribute, scan_processe
 from harness.leaks import LeakReport, check_leaks, probe_socket, socket_files
 from harness.procfs import read_tcp_listeners, read_unix_sockets
 from harness.records import SessionRecord
-
-
-@pytest.fixture
-def sessions(runtime_dir: Path) -> Iterator[SessionFactory]:
-    factory = SessionFactory(runtime_dir)
-    yield factory
-    factory.cleanup()
 
 
 def by_pid(report: LeakReport) -> dict[int, list[str]]:

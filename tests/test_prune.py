@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from leak_sessions import SessionFactory, wait_for
 
 from harness.records import SessionStore
 from harness.session import prune_sessions
-
-
-@pytest.fixture
-def sessions(runtime_dir: Path) -> Iterator[SessionFactory]:
-    factory = SessionFactory(runtime_dir)
-    yield factory
-    factory.cleanup()
 
 
 def test_stale_session_with_a_running_process_is_kept_until_it_ends(

@@ -6,7 +6,6 @@ import io
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -16,6 +15,7 @@ from leak_sessions import (
     STUBBORN,
     TCP_LISTENER,
     SessionFactory,
+    alive,
     free_port,
     wait_for,
 )
@@ -28,20 +28,6 @@ from harness.reap import reap_session, terminate
 from harness.records import SessionStore, record_state
 
 GRACE = 0.3
-
-
-@pytest.fixture
-def sessions(runtime_dir: Path) -> Iterator[SessionFactory]:
-    factory = SessionFactory(runtime_dir)
-    yield factory
-    factory.cleanup()
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def outcomes(result: object) -> dict[int, tuple[str, str | None]]:
