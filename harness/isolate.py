@@ -148,6 +148,53 @@ class Capabilities:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class _Sysctl:
+    """A sysctl that, at one value, forbids unprivileged user namespaces."""
+
+    name: str
+    path: str  # below the proc root
+    forbidding: int
+    fix: str  # why, and what to do, when it forbids
+    forbids: str  # the finding's meaning when it forbids
+    ok: str  # ... and when it does not
+
+
+_USERNS_SYSCTLS: Final = (
+    _Sysctl(
+        "user.max_user_namespaces",
+        "sys/user/max_user_namespaces",
+        0,
+        "user.max_user_namespaces is 0 (no user namespaces at all); raise it "
+        "with `sudo sysctl -w user.max_user_namespaces=15000`",
+        "forbids user namespaces",
+        "allows user namespaces",
+    ),
+    _Sysctl(
+        "kernel.unprivileged_userns_clone",
+        "sys/kernel/unprivileged_userns_clone",
+        0,
+        "kernel.unprivileged_userns_clone is 0 (Debian/Ubuntu switch for "
+        "ordinary users); enable it with `sudo sysctl -w "
+        "kernel.unprivileged_userns_clone=1`",
+        "forbids them for ordinary users",
+        "no restriction",
+    ),
+    _Sysctl(
+        "kernel.apparmor_restrict_unprivileged_userns",
+        "sys/kernel/apparmor_restrict_unprivileged_userns",
+        1,
+        "kernel.apparmor_restrict_unprivileged_userns is 1 (Ubuntu 24.04's "
+        "default: a user namespace gets no capabilities unless an AppArmor "
+        "profile allows it); either `sudo sysctl -w "
+        "kernel.apparmor_restrict_unprivileged_userns=0`, or give the Python "
+        "interpreter an AppArmor profile with the `userns,` rule",
+        "restricts them (AppArmor)",
+        "no restriction",
+    ),
+)
+
+
 def detect(
     *,
     proc_root: Path | str = "/proc",
@@ -204,49 +251,14 @@ def detect(
 
     # Each sysctl below can forbid unprivileged user namespaces on its own.
     blockers: list[str] = []
-    max_userns = _read_int(root / "sys/user/max_user_namespaces")
-    if max_userns == 0:
-        blockers.append(
-            "user.max_user_namespaces is 0 (no user namespaces at all); raise it "
-            "with `sudo sysctl -w user.max_user_namespaces=15000`"
+    for check in _USERNS_SYSCTLS:
+        value = _read_int(root / check.path)
+        forbids = value == check.forbidding
+        if forbids:
+            blockers.append(check.fix)
+        findings.append(
+            Finding(check.name, _shown(value), check.forbids if forbids else check.ok)
         )
-    findings.append(
-        Finding(
-            "user.max_user_namespaces",
-            _shown(max_userns),
-            "forbids user namespaces" if max_userns == 0 else "allows user namespaces",
-        )
-    )
-    clone = _read_int(root / "sys/kernel/unprivileged_userns_clone")
-    if clone == 0:
-        blockers.append(
-            "kernel.unprivileged_userns_clone is 0 (Debian/Ubuntu switch for "
-            "ordinary users); enable it with `sudo sysctl -w "
-            "kernel.unprivileged_userns_clone=1`"
-        )
-    findings.append(
-        Finding(
-            "kernel.unprivileged_userns_clone",
-            _shown(clone),
-            "forbids them for ordinary users" if clone == 0 else "no restriction",
-        )
-    )
-    apparmor = _read_int(root / "sys/kernel/apparmor_restrict_unprivileged_userns")
-    if apparmor == 1:
-        blockers.append(
-            "kernel.apparmor_restrict_unprivileged_userns is 1 (Ubuntu 24.04's "
-            "default: a user namespace gets no capabilities unless an AppArmor "
-            "profile allows it); either `sudo sysctl -w "
-            "kernel.apparmor_restrict_unprivileged_userns=0`, or give the Python "
-            "interpreter an AppArmor profile with the `userns,` rule"
-        )
-    findings.append(
-        Finding(
-            "kernel.apparmor_restrict_unprivileged_userns",
-            _shown(apparmor),
-            "restricts them (AppArmor)" if apparmor == 1 else "no restriction",
-        )
-    )
     user_namespaces = not blockers
     findings.append(
         Finding(
